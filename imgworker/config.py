@@ -1,0 +1,251 @@
+"""Settings: one declarative table, read once at start, validated once.
+
+Every key of the original Node.js service keeps its name, unit and default
+(SPEC §3); the keys this service adds follow. Values come from the process
+environment and from a ``.env`` file in the working directory; the real
+environment wins, so an operator can override a checked-in ``.env``.
+
+A bad value raises :class:`ConfigError` naming the key and the value; the CLI
+turns it into exit code 2 so systemd does not restart-loop on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+FORMATS = ("jpeg", "png", "webp", "gif")
+OUTPUT_FORMATS = ("webp", "jpeg", "png", "original")
+ENVIRONMENTS = ("development", "production", "test")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a value we refuse; the message names key and value."""
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError("not a whole number") from None
+        if lo is not None and value < lo:
+            raise ValueError(f"must be at least {lo}")
+        if hi is not None and value > hi:
+            raise ValueError(f"must be at most {hi}")
+        return value
+
+    return convert
+
+
+def _float(lo: float, hi: float | None = None) -> Callable[[str], float]:
+    def convert(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("not a number") from None
+        if value != value or value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+        return value
+
+    return convert
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return convert
+
+
+def _formats(raw: str) -> tuple[str, ...]:
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    names = ["jpeg" if n == "jpg" else n for n in names]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format {unknown[0]!r} (known: {', '.join(FORMATS)})")
+    if not names:
+        raise ValueError("needs at least one format")
+    return tuple(dict.fromkeys(names))
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = []
+    for part in raw.split(","):
+        origin = part.strip().rstrip("/")
+        if not origin:
+            continue
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin like https://example.com")
+        origins.append(origin)
+    return tuple(origins)
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+# (name, converter, default, doc). Defaults are strings so that they go
+# through the same converter as operator input: one path, validated once.
+SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
+    # --- keys of the original service (same names, units, defaults) ---
+    ("PORT", _int(0, 65535), "3001", "HTTP port of the API"),
+    ("MAX_CONCURRENT_JOBS", _int(1, 64), "3", "worker processes; each runs one job at a time"),
+    ("JOB_TIMEOUT_MS", _int(10), "30000", "a job running longer has its worker killed and is retried"),
+    ("MAX_QUEUE_SIZE", _int(1), "100", "bound on queued + retrying jobs; more gets 503 QUEUE_FULL"),
+    ("CLEANUP_INTERVAL_MS", _int(100), "60000", "how often expired jobs, their files and orphan temp files go"),
+    ("MAX_FILE_SIZE_MB", _float(0.001), "50", "largest accepted upload, per file"),
+    ("MAX_IMAGE_WIDTH", _int(1, 65535), "1024", "outputs fit within this width"),
+    ("MAX_IMAGE_HEIGHT", _int(1, 65535), "1024", "outputs fit within this height"),
+    ("COMPRESSION_QUALITY", _float(0.1, 1.0), "0.8", "default encoder quality, 0.1-1.0"),
+    ("SUPPORTED_FORMATS", _formats, "jpeg,png,webp,gif", "input formats accepted (by content)"),
+    ("RATE_LIMIT_WINDOW_MS", _int(1), "900000", "rate-limit window for work-creating requests"),
+    ("RATE_LIMIT_MAX_REQUESTS", _int(1), "100", "work-creating requests per IP per window"),
+    ("CORS_ORIGINS", _origins, "", "comma-separated origins allowed to call the API from a browser"),
+    ("NODE_ENV", _choice(ENVIRONMENTS), "development", "environment name (APP_ENV wins when set)"),
+    # --- keys this service adds ---
+    ("APP_ENV", _choice(ENVIRONMENTS + ("",)), "", "environment name: development, production or test"),
+    ("HOST", _text, "127.0.0.1", "address the API listens on"),
+    ("DATA_DIR", _text, "./data", "uploads, processed images, temp files and the database"),
+    ("DATABASE_PATH", _text, "", "SQLite file (default: $DATA_DIR/imgworker.db)"),
+    ("MAX_RETRIES", _int(0, 100), "3", "retries of a transient failure before the job fails"),
+    ("RETRY_BASE_DELAY_MS", _int(0), "1000", "first retry delay; doubles each attempt"),
+    ("RETRY_MAX_DELAY_MS", _int(0), "60000", "cap on the retry delay"),
+    ("JOB_RETENTION_MS", _int(1000), "86400000", "finished jobs and their files are kept this long"),
+    ("MAX_INPUT_PIXELS", _int(1), "50000000", "width x height above which an upload is refused"),
+    ("MAX_FRAMES", _int(1), "1000", "frame count above which an animation is refused"),
+    ("MAX_ANIMATION_PIXELS", _int(1), "500000000", "frames x canvas pixels above which an animation is refused"),
+    ("BATCH_MAX_FILES", _int(1, 1000), "20", "files per batch request"),
+    ("OUTPUT_FORMAT", _choice(OUTPUT_FORMATS), "webp", "default output format"),
+    ("MEMORY_PAUSE_PERCENT", _float(1, 100), "90", "stop claiming jobs at or above this memory use"),
+    ("MEMORY_RESUME_PERCENT", _float(1, 100), "80", "resume claiming below this memory use"),
+    ("WORKER_MAX_RSS_MB", _int(16), "1024", "a worker above this RSS after a job is replaced"),
+    ("SHUTDOWN_TIMEOUT_MS", _int(0), "30000", "graceful-stop budget for running jobs"),
+    ("TRUST_PROXY", _bool, "false", "take the client IP from X-Forwarded-For (only behind a proxy)"),
+    ("LOG_LEVEL", _choice(LOG_LEVELS), "info", "debug, info, warning or error"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; attribute names are the keys in lower case."""
+
+    values: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # Derived values, computed in one place.
+    @property
+    def env(self) -> str:
+        return self.values["APP_ENV"] or self.values["NODE_ENV"]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.values["DATA_DIR"]).resolve()
+
+    @property
+    def database_path(self) -> Path:
+        raw = self.values["DATABASE_PATH"]
+        return Path(raw).resolve() if raw else self.data_dir / "imgworker.db"
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.values["MAX_FILE_SIZE_MB"] * 1024 * 1024)
+
+    @property
+    def quality(self) -> int:
+        """Encoder quality 1-100 from COMPRESSION_QUALITY (0.1-1.0)."""
+        return max(1, min(100, round(self.values["COMPRESSION_QUALITY"] * 100)))
+
+    @property
+    def max_attempts(self) -> int:
+        return self.values["MAX_RETRIES"] + 1
+
+    def dirs(self) -> dict[str, Path]:
+        base = self.data_dir
+        return {"uploads": base / "uploads", "processed": base / "processed", "tmp": base / "tmp"}
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """Parse a .env file: KEY=VALUE lines, `export` allowed, quotes optional.
+
+    An unquoted value ends at whitespace followed by ``#`` so the original
+    service's .env, which has trailing comments, loads unchanged.
+    """
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        value = value.strip()
+        if value[:1] in ("'", '"') and value.find(value[0], 1) > 0:
+            value = value[1 : value.find(value[0], 1)]
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        out[key] = value
+    return out
+
+
+def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:
+    """Build the Config from ``dotenv`` overlaid by ``environ`` (default os.environ).
+
+    Raises ConfigError for the first bad value, naming key and value.
+    """
+    source: dict[str, str] = {}
+    if dotenv is not None and dotenv.is_file():
+        source.update(parse_dotenv(dotenv.read_text(encoding="utf-8", errors="replace")))
+    source.update(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for name, convert, default, _doc in SETTINGS:
+        raw = source.get(name)
+        if raw is None or raw.strip() == "":
+            raw = default
+        try:
+            values[name] = convert(raw)
+        except ValueError as exc:
+            raise ConfigError(f"bad value for {name}: {raw!r} ({exc})") from None
+    if values["MEMORY_RESUME_PERCENT"] > values["MEMORY_PAUSE_PERCENT"]:
+        raise ConfigError(
+            f"bad value for MEMORY_RESUME_PERCENT: {values['MEMORY_RESUME_PERCENT']!r} "
+            f"(must not exceed MEMORY_PAUSE_PERCENT={values['MEMORY_PAUSE_PERCENT']!r})"
+        )
+    if values["RETRY_MAX_DELAY_MS"] < values["RETRY_BASE_DELAY_MS"]:
+        raise ConfigError(
+            f"bad value for RETRY_MAX_DELAY_MS: {values['RETRY_MAX_DELAY_MS']!r} "
+            f"(must not be below RETRY_BASE_DELAY_MS={values['RETRY_BASE_DELAY_MS']!r})"
+        )
+    return Config(values)
+
+
+def table_markdown() -> str:
+    """The README's configuration table, generated from SETTINGS."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, _convert, default, doc in SETTINGS:
+        rows.append(f"| `{name}` | `{default}` | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Web page assets (HTML/JS/CSS)."""

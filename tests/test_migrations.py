@@ -1,0 +1,68 @@
+"""Migrations: fresh, re-run, upgrade with rows, and shipping in a wheel."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from imgworker import db
+from imgworker.queue import JobQueue, NewJob
+
+
+def test_fresh_then_rerun_is_noop(tmp_path):
+    conn = db.connect(tmp_path / "a.db")
+    names = db.migrate(conn)
+    assert names == [p.name for _, _, p in db.available_migrations()]
+    assert db.migrate(conn) == []
+    assert sorted(db.applied_migrations(conn)) == [v for v, _, _ in db.available_migrations()]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_upgrade_from_previous_version_keeps_rows(tmp_path):
+    conn = db.connect(tmp_path / "a.db")
+    latest = db.available_migrations()[-1][0]
+    db.migrate(conn, target=latest - 1)
+    q = JobQueue(tmp_path / "a.db")
+    q.enqueue([NewJob("old-1", "/in", "cat.jpg", 5), NewJob("old-2", "/in", "dog.png", 6)], 10, 1)
+    assert db.migrate(conn) == [db.available_migrations()[-1][2].name]
+    ids = {r[0] for r in conn.execute("SELECT id FROM jobs")}
+    assert ids == {"old-1", "old-2"}
+    # the newest migration's objects work on the old rows
+    rows = conn.execute("SELECT id, status FROM job_summary ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [("old-1", "queued"), ("old-2", "queued")]
+
+
+def test_failed_migration_rolls_back(tmp_path):
+    mig = tmp_path / "m"
+    mig.mkdir()
+    (mig / "0001_ok.sql").write_text("CREATE TABLE a (x INTEGER);")
+    (mig / "0002_bad.sql").write_text("CREATE TABLE b (x INTEGER);\nINSERT INTO nope VALUES (1);")
+    conn = db.connect(tmp_path / "m.db")
+    with pytest.raises(sqlite3.OperationalError):
+        db.migrate(conn, directory=mig)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "a" in tables and "b" not in tables
+    assert list(db.applied_migrations(conn)) == [1]
+
+
+def test_old_sqlite_refused():
+    with pytest.raises(db.DatabaseError, match="too old"):
+        db.check_sqlite_version("3.31.1")
+    db.check_sqlite_version("3.40.1")
+
+
+def test_wheel_ships_migrations(tmp_path):
+    root = db.migrations_dir().parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(tmp_path), str(root)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("imgworker-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for _, _, path in db.available_migrations():
+        assert f"imgworker/migrations/{path.name}" in names
