@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import pytest
 
 from imgworker import config as config_mod
 from imgworker.queue import JobQueue, NewJob
+
+from helpers import image_bytes  # noqa: F401  (re-exported for fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -61,16 +62,6 @@ def add_jobs(queue, tmp_path):
         return ids
 
     return add
-
-
-def image_bytes(fmt="JPEG", size=(64, 48), mode="RGB", color=(200, 30, 30), **save):
-    """A generated image encoded as ``fmt``."""
-    from PIL import Image
-
-    im = Image.new(mode, size, color)
-    buf = io.BytesIO()
-    im.save(buf, fmt, **save)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -1,0 +1,469 @@
+"""The image pipeline: pure Pillow work, no queue, HTTP or database.
+
+Contract:
+- :func:`probe` identifies a file by its bytes against the allow-list and
+  checks dimensions, frame count and frames x canvas against the limits from
+  the header alone, before any pixel is decoded.
+- :func:`process` decodes (JPEG at reduced scale when the target is smaller),
+  applies EXIF orientation, converts to sRGB when an ICC profile is present,
+  fits within the limits keeping the aspect ratio (never upscaling), strips
+  metadata, encodes, and writes ``processed_<jobId>.<ext>`` atomically. It
+  returns the result dict of ``GET /api/job/:id`` (seed README shape).
+- Every failure is an :class:`ImageError` with a code; deterministic ones
+  (UNSUPPORTED_FORMAT, INVALID_IMAGE, IMAGE_TOO_LARGE) are never transient,
+  and a decode error is never retried (a second load() of a broken stream can
+  "succeed" with a partial image).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageCms, ImageFile, ImageSequence
+
+from .errors import ImageError
+
+# Pillow plugin names allowed for each of our format names. A camera MPO is a
+# JPEG with a second picture appended; we treat it as JPEG.
+PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif": ("GIF",)}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif"}
+CAN_ANIMATE = ("webp", "gif")
+MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
+
+# Signatures of formats we may be sent, to tell "not an image we accept"
+# (415) from "one of ours, but broken" (422) without trusting Pillow's guess.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+    (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"8BPS", "psd"), (b"%PDF", "pdf"),
+    (b"%!PS", "eps"), (b"\xc5\xd0\xd3\xc6", "eps"), (b"PK\x03\x04", "zip"), (b"icns", "icns"),
+    (b"\x00\x00\x00\x0cjP  ", "jpeg2000"), (b"\xff\x4f\xff\x51", "jpeg2000"), (b"\x01\xda", "sgi"),
+    (b"\x00\x00\x01\x00", "ico"), (b"<?xml", "svg"), (b"<svg", "svg"), (b"<?php", "text"),
+)
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side limits and defaults (from Config; see config.py)."""
+
+    max_width: int = 1024
+    max_height: int = 1024
+    max_input_pixels: int = 50_000_000
+    max_frames: int = 1000
+    max_animation_pixels: int = 500_000_000
+    formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
+    quality: int = 80
+    output_format: str = "webp"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Limits":
+        return cls(cfg.max_image_width, cfg.max_image_height, cfg.max_input_pixels, cfg.max_frames,
+                   cfg.max_animation_pixels, tuple(cfg.supported_formats), cfg.quality, cfg.output_format)
+
+
+@dataclass
+class Probe:
+    """What the header says. ``width``/``height`` are as displayed (after
+    EXIF orientation)."""
+
+    format: str
+    width: int
+    height: int
+    frames: int = 1
+    orientation: int = 1
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
+    within_frame_limit: bool = True
+
+    @property
+    def animated(self) -> bool:
+        """Whether the output keeps every frame (when its format can animate).
+        Over MAX_FRAMES only the first frame is decoded: the frame count is
+        known from the header, so a frame bomb costs nothing."""
+        return self.frames > 1 and self.format in ("gif", "webp", "png") and self.within_frame_limit
+
+
+def sniff(head: bytes) -> str | None:
+    """Format name from the first bytes (ours or a known foreign one), or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[4:12] in (b"ftypavif", b"ftypavis", b"ftypheic", b"ftypmif1", b"ftypheix"):
+        return "avif/heic"
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def _pixel_check(width: int, height: int, limits: Limits) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError("INVALID_IMAGE", f"The image has an empty size ({width}x{height})")
+    if width * height > limits.max_input_pixels:
+        raise ImageError(
+            "IMAGE_TOO_LARGE",
+            f"The image is {width}x{height} ({width * height:,} pixels); the limit is {limits.max_input_pixels:,} pixels",
+        )
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF (or XMP tiff:Orientation) value, read from the header only.
+
+    The base-class getexif() is used on purpose: PNG's override calls load()
+    to look for an eXIf chunk after the image data, and catching a failed
+    load() here would let a later load() "succeed" on a broken stream."""
+    try:
+        value = Image.Image.getexif(im).get(0x0112, 1)
+        return value if value in _TRANSPOSE else 1
+    except Exception:  # a broken EXIF block must not sink a good picture
+        return 1
+
+
+def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
+    """Open ``path`` with only the allowed plugins and check every limit from
+    the header. The caller owns (and must close) the returned image."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError as exc:
+        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
+    if not head:
+        raise ImageError("INVALID_IMAGE", "The file is empty")
+    kind = sniff(head)
+    if kind not in limits.formats:
+        what = kind.upper() if kind else "not an image format we recognise"
+        raise ImageError(
+            "UNSUPPORTED_FORMAT",
+            f"Unsupported file type ({what}); accepted: {', '.join(f.upper() for f in limits.formats)}",
+        )
+    Image.MAX_IMAGE_PIXELS = limits.max_input_pixels  # Pillow refuses at 2x; we check at 1x below
+    try:
+        im = Image.open(path, formats=PIL_FORMATS[kind])
+    except Image.DecompressionBombError:
+        raise ImageError("IMAGE_TOO_LARGE", f"The image exceeds {limits.max_input_pixels:,} pixels") from None
+    except Exception as exc:
+        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt or truncated ({_why(exc)})") from None
+    try:
+        width, height = im.size
+        _pixel_check(width, height, limits)
+        frames = 1
+        if kind in ("gif", "webp", "png"):
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            # The frames x canvas budget bounds the work; an animation within
+            # it but longer than MAX_FRAMES is kept as a still (see Probe.animated).
+            if frames * width * height > limits.max_animation_pixels:
+                raise ImageError(
+                    "IMAGE_TOO_LARGE",
+                    f"The animation is {frames} frames of {width}x{height}; the limit is "
+                    f"{limits.max_animation_pixels:,} pixels in all frames",
+                )
+            im.seek(0)
+        orientation = _orientation(im)
+        if orientation >= 5:
+            width, height = height, width
+        return im, Probe(kind, width, height, frames, orientation, dict(im.info), frames <= limits.max_frames)
+    except ImageError:
+        im.close()
+        raise
+    except Exception as exc:
+        im.close()
+        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt ({_why(exc)})") from None
+
+
+def probe(path: Path | str, limits: Limits) -> Probe:
+    """Identify and check an upload without decoding pixels. Raises ImageError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        im, info = _open(Path(path), limits)
+    im.close()
+    return info
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fit(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
+    """Largest size within the box keeping the aspect ratio; never larger than the input."""
+    scale = min(1.0, box_w / width, box_h / height)
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """Normalise to RGB/RGBA/L in sRGB: ICC profiles applied, CMYK, 16-bit,
+    palette and transparency handled."""
+    icc = im.info.get("icc_profile")
+    if im.mode.startswith("I") or im.mode == "F":
+        lo, hi = im.getextrema()
+        if hi > 255:  # real 16-bit data: scale instead of clipping
+            im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+    if im.mode == "P":
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+        im = im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
+    elif has_alpha and im.mode in ("RGB", "L"):
+        im = im.convert("RGBA")
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            out_mode = "RGBA" if im.mode == "RGBA" else "RGB"
+            im = ImageCms.profileToProfile(im, src, _SRGB, outputMode=out_mode)
+        except Exception:  # broken or mismatched profile: fall back to a plain conversion
+            pass
+    if im.mode == "CMYK":
+        im = im.convert("RGB")
+    return im
+
+
+def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) -> Image.Image:
+    frame = _to_srgb(frame)
+    if frame.size != size:
+        frame = frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    if orientation in _TRANSPOSE:
+        frame = frame.transpose(_TRANSPOSE[orientation])
+    return frame
+
+
+def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    first = frames[0]
+    first.info = {}  # never carry EXIF/XMP/ICC/comments into the output
+    if fmt == "jpeg":
+        if first.mode in ("RGBA", "LA"):
+            flat = Image.new("RGB", first.size, (255, 255, 255))
+            flat.paste(first, mask=first.getchannel("A"))
+            first = flat
+        elif first.mode not in ("RGB", "L"):
+            first = first.convert("RGB")
+        first.save(buf, "JPEG", quality=quality, optimize=True, progressive=True)
+    elif fmt == "png":
+        first.save(buf, "PNG", optimize=False, compress_level=6)
+    elif fmt == "webp":
+        frames = [f if f.mode in ("RGB", "RGBA") else f.convert("RGBA" if "A" in f.mode else "RGB") for f in frames]
+        if len(frames) > 1:
+            frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], duration=durations,
+                           loop=loop, quality=quality, method=4)
+        else:
+            frames[0].save(buf, "WEBP", quality=quality, method=4)
+    elif fmt == "gif":
+        if len(frames) > 1:
+            frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=durations,
+                           loop=loop, disposal=2, optimize=False)
+        else:
+            first.save(buf, "GIF", optimize=False)
+    else:  # pragma: no cover - options are validated upstream
+        raise ImageError("INVALID_IMAGE", f"Unknown output format {fmt}")
+    return buf.getvalue()
+
+
+def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animate: bool, limits: Limits):
+    """Decode the frames we keep, at ``size`` (displayed orientation)."""
+    oriented_box = size if probe_.orientation < 5 else (size[1], size[0])
+    if not animate:
+        # draft() + reduce() inside thumbnail(): JPEG decodes at 1/2..1/8 scale.
+        im.thumbnail(oriented_box, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        im.load()
+        return [_prepare_frame(im, im.size, probe_.orientation)], [], 0
+    frames, durations = [], []
+    for index, frame in enumerate(ImageSequence.Iterator(im)):
+        if index >= limits.max_frames:
+            raise ImageError("IMAGE_TOO_LARGE", f"The animation has more than {limits.max_frames} frames")
+        frame.load()
+        durations.append(int(frame.info.get("duration", 100) or 100))
+        frames.append(_prepare_frame(frame.copy(), oriented_box, probe_.orientation))
+    return frames, durations, int(im.info.get("loop", 0) or 0)
+
+
+def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str, Any], limits: Limits,
+            original_name: str = "") -> dict[str, Any]:
+    """Run the whole pipeline on ``src``; write ``out_dir/processed_<job_id>.<ext>``.
+
+    ``options``: format (webp|jpeg|png|original), quality (1-100), maxWidth,
+    maxHeight (capped by the limits). Returns the result dict.
+    """
+    started = time.perf_counter()
+    src, out_dir = Path(src), Path(out_dir)
+    try:
+        input_size = src.stat().st_size
+    except OSError as exc:
+        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
+    box_w = min(int(options.get("maxWidth") or limits.max_width), limits.max_width)
+    box_h = min(int(options.get("maxHeight") or limits.max_height), limits.max_height)
+    quality = int(options.get("quality") or limits.quality)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        im, info = _open(src, limits)
+        try:
+            fmt = options.get("format") or limits.output_format
+            fmt = info.format if fmt == "original" else fmt
+            size = fit(info.width, info.height, box_w, box_h)
+            animate = info.animated and fmt in CAN_ANIMATE
+            try:
+                frames, durations, loop = _decode_frames(im, info, size, animate, limits)
+            except ImageError:
+                raise
+            except Image.DecompressionBombError:
+                raise ImageError("IMAGE_TOO_LARGE", "A frame of the image exceeds the pixel limit") from None
+            except MemoryError:
+                raise ImageError("IMAGE_TOO_LARGE", "The image needs more memory than the worker has") from None
+            except Exception as exc:
+                raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated ({_why(exc)})") from None
+            data = _encode(frames, durations, loop, fmt, quality)
+        finally:
+            im.close()
+    out_w, out_h = frames[0].size
+    resized = (out_w, out_h) != (info.width, info.height)
+    kept_original = False
+    if not resized and fmt == info.format and (animate or not info.animated):
+        smaller = _stripped_original(src, info)
+        if smaller is not None and len(smaller) < len(data):
+            data, kept_original = smaller, True
+    ext = EXTENSIONS[fmt]
+    filename = f"processed_{job_id}.{ext}"
+    write_atomic(out_dir / filename, data)
+    size_saved = input_size - len(data)
+    return {
+        "success": True,
+        "processingTime": round((time.perf_counter() - started) * 1000),
+        "originalFile": {
+            "name": original_name,
+            "size": input_size,
+            "format": info.format,
+            "dimensions": {"width": info.width, "height": info.height},
+        },
+        "processedFile": {
+            "filename": filename,
+            "size": len(data),
+            "format": fmt,
+            "dimensions": {"width": out_w, "height": out_h},
+            "url": f"/api/images/{filename}",
+        },
+        "optimization": {
+            "wasResized": resized,
+            "formatChanged": fmt != info.format,
+            "compressionRatio": f"{(size_saved / input_size * 100) if input_size else 0:.1f}%",
+            "sizeSaved": size_saved,
+            "keptOriginalEncoding": kept_original,
+        },
+        "animated": animate,
+        "framesIn": info.frames,
+        "framesOut": len(frames),
+    }
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + rename,
+    so readers never see a partial file; fsync so it survives a power cut."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ImageError("IO_ERROR", f"Could not write the output: {exc.strerror or exc}", transient=True) from None
+
+
+# --- "never make an image worse for nothing": lossless metadata stripping ---
+
+def _stripped_original(src: Path, info: Probe) -> bytes | None:
+    """The input re-emitted without metadata, when that is possible losslessly
+    and the result displays the same (upright, no colour profile). None otherwise."""
+    if info.orientation != 1 or info.info.get("icc_profile"):
+        return None
+    data = src.read_bytes()
+    try:
+        if info.format == "jpeg":
+            return _strip_jpeg(data)
+        if info.format == "png":
+            return _strip_png(data)
+        if info.format == "webp":
+            return _plain_webp(data)
+    except (IndexError, struct.error, ValueError):
+        return None
+    return None
+
+
+def _strip_jpeg(data: bytes) -> bytes | None:
+    """Drop APP1 (EXIF/XMP, GPS), APP2..APP15 except Adobe APP14, and COM
+    segments; cut anything after EOI (MPO second image, polyglot payloads)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    out = bytearray(b"\xff\xd8")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        segment = data[pos : pos + 2 + length]
+        if marker == 0xDA:  # SOS: entropy-coded data follows until EOI
+            end = data.find(b"\xff\xd9", pos)
+            if end < 0:
+                return None
+            out += data[pos : end + 2]
+            return bytes(out)
+        keep = marker == 0xE0 or marker == 0xEE or not (0xE1 <= marker <= 0xEF or marker == 0xFE)
+        if keep:
+            out += segment
+        pos += 2 + length
+    return None
+
+
+_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"sBIT", b"pHYs",
+             b"acTL", b"fcTL", b"fdAT", b"bKGD"}
+
+
+def _strip_png(data: bytes) -> bytes | None:
+    """Keep image-defining chunks only (no text, eXIf, time); stop at IEND."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    out = bytearray(data[:8])
+    pos = 8
+    while pos + 12 <= len(data):
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind = data[pos + 4 : pos + 8]
+        chunk = data[pos : pos + 12 + length]
+        if kind in _PNG_KEEP:
+            out += chunk
+        if kind == b"IEND":
+            return bytes(out)
+        pos += 12 + length
+    return None
+
+
+def _plain_webp(data: bytes) -> bytes | None:
+    """The WebP as is if it carries no EXIF/XMP/ICC chunk; cut trailing bytes."""
+    size = struct.unpack("<I", data[4:8])[0] + 8
+    pos = 12
+    while pos + 8 <= min(size, len(data)):
+        kind = data[pos : pos + 4]
+        if kind in (b"EXIF", b"XMP ", b"ICCP"):
+            return None
+        pos += 8 + struct.unpack("<I", data[pos + 4 : pos + 8])[0] + 1 & ~1
+    return data[:size] if size <= len(data) else None
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partial picture

@@ -1,0 +1,278 @@
+"""The Pillow pipeline on generated fixtures (and the shared corpus when present)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image, ImageChops, ImageStat
+
+from imgworker.errors import ImageError
+from imgworker.imaging import Limits, fit, probe, process, sniff
+
+from helpers import image_bytes
+
+LIMITS = Limits()
+
+
+def run(tmp_path, data: bytes, limits=LIMITS, name="in", **options):
+    src = tmp_path / name
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    result = process(src, out, "job1", options, limits, name)
+    path = out / result["processedFile"]["filename"]
+    return result, path
+
+
+def quadrants(size=(80, 40)):
+    """Landscape test card: red top-left, green top-right, blue bottom-left, white bottom-right."""
+    im = Image.new("RGB", size)
+    w, h = size
+    for box, color in [((0, 0, w // 2, h // 2), (255, 0, 0)), ((w // 2, 0, w, h // 2), (0, 255, 0)),
+                       ((0, h // 2, w // 2, h), (0, 0, 255)), ((w // 2, h // 2, w, h), (255, 255, 255))]:
+        im.paste(color, box)
+    return im
+
+
+# Pixel transform that a camera stores so that applying `orientation` shows the card upright.
+STORED = {
+    1: lambda im: im,
+    2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+    4: lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+    5: lambda im: im.transpose(Image.Transpose.TRANSPOSE),
+    6: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+    7: lambda im: im.transpose(Image.Transpose.TRANSVERSE),
+    8: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+}
+
+
+def color_at(im, x, y):
+    return im.convert("RGB").getpixel((x, y))
+
+
+def close(c1, c2, tol=60):
+    return all(abs(a - b) <= tol for a, b in zip(c1, c2))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_come_out_upright(tmp_path, orientation):
+    stored = STORED[orientation](quadrants())
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    result, path = run(tmp_path, buf.getvalue())
+    out = Image.open(path)
+    assert out.size == (80, 40)
+    assert result["processedFile"]["dimensions"] == {"width": 80, "height": 40}
+    assert close(color_at(out, 10, 5), (255, 0, 0)) and close(color_at(out, 70, 5), (0, 255, 0))
+    assert close(color_at(out, 10, 35), (0, 0, 255)) and close(color_at(out, 70, 35), (255, 255, 255))
+
+
+def test_two_by_one_orientation_8_becomes_one_by_two(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 1), "red").save(buf, "JPEG", exif=exif.tobytes())
+    result, path = run(tmp_path, buf.getvalue(), format="png")
+    assert Image.open(path).size == (1, 2)
+    assert result["originalFile"]["dimensions"] == {"width": 1, "height": 2}
+
+
+def test_fit_keeps_aspect_and_never_upscales():
+    assert fit(3024, 4032, 1024, 1024) == (768, 1024)
+    assert fit(100, 50, 1024, 1024) == (100, 50)
+    assert fit(65535, 1, 1024, 1024) == (1024, 1)
+
+
+def test_resize_result_shape_and_webp_default(tmp_path):
+    data = image_bytes("JPEG", (3000, 2000), quality=90)
+    result, path = run(tmp_path, data, name="photo.jpg")
+    assert set(result) >= {"success", "processingTime", "originalFile", "processedFile", "optimization"}
+    assert result["originalFile"] == {"name": "photo.jpg", "size": len(data), "format": "jpeg",
+                                      "dimensions": {"width": 3000, "height": 2000}}
+    pf = result["processedFile"]
+    assert pf["filename"] == "processed_job1.webp" and pf["url"] == "/api/images/processed_job1.webp"
+    assert pf["format"] == "webp" and pf["dimensions"] == {"width": 1024, "height": 683}
+    assert pf["size"] == path.stat().st_size
+    opt = result["optimization"]
+    assert opt["wasResized"] and opt["formatChanged"]
+    assert opt["sizeSaved"] == len(data) - pf["size"]
+    assert opt["compressionRatio"] == f"{opt['sizeSaved'] / len(data) * 100:.1f}%"
+    im = Image.open(path)
+    assert im.format == "WEBP" and im.size == (1024, 683)
+
+
+def test_request_box_is_capped_by_server_limits(tmp_path):
+    data = image_bytes("PNG", (4000, 1000))
+    result, _ = run(tmp_path, data, Limits(max_width=800, max_height=800), maxWidth=5000, maxHeight=300, format="png")
+    assert result["processedFile"]["dimensions"] == {"width": 800, "height": 200}
+    result, _ = run(tmp_path, data, maxWidth=400, format="png")
+    assert result["processedFile"]["dimensions"] == {"width": 400, "height": 100}
+
+
+def test_cmyk_jpeg_becomes_srgb(tmp_path):
+    data = image_bytes("JPEG", (32, 32), mode="CMYK", color=(0, 255, 255, 0), quality=95)
+    _, path = run(tmp_path, data, format="png")
+    out = Image.open(path)
+    assert out.mode == "RGB"
+    r, g, b = color_at(out, 16, 16)
+    assert r > 200 and g < 80 and b < 80
+
+
+def test_icc_profile_is_applied_and_not_carried(tmp_path):
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = image_bytes("JPEG", (40, 40), color=(10, 120, 240), icc_profile=icc, quality=95)
+    _, path = run(tmp_path, data, format="jpeg")
+    out = Image.open(path)
+    assert "icc_profile" not in out.info
+    assert close(color_at(out, 20, 20), (10, 120, 240), tol=12)
+
+
+def test_jpeg_output_is_progressive_and_alpha_flattened_on_white(tmp_path):
+    im = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
+    im.paste((255, 0, 0, 255), (0, 0, 25, 50))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    _, path = run(tmp_path, buf.getvalue(), format="jpeg")
+    out = Image.open(path)
+    assert out.format == "JPEG" and out.info.get("progressive") in (1, True)
+    assert close(color_at(out, 40, 25), (255, 255, 255), tol=10)
+    assert close(color_at(out, 10, 25), (255, 0, 0), tol=30)
+
+
+def test_transparency_palette_and_16bit_handled(tmp_path):
+    pal = Image.new("P", (30, 30), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 1
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=1)
+    _, path = run(tmp_path, buf.getvalue(), format="png")
+    assert Image.open(path).convert("RGBA").getpixel((5, 5))[3] == 0
+    row = struct.pack("<15H", *[40000] * 15) + struct.pack("<15H", *[0] * 15)
+    deep = Image.frombytes("I;16", (30, 30), row * 30)
+    buf = io.BytesIO()
+    deep.save(buf, "PNG")
+    _, path = run(tmp_path, buf.getvalue(), format="png")
+    out = Image.open(path).convert("L")
+    assert 140 <= out.getpixel((5, 5)) <= 170 and out.getpixel((25, 5)) == 0
+
+
+def test_animated_gif_keeps_frames_and_durations_in_webp(tmp_path):
+    frames = [Image.new("RGB", (40, 30), (i * 50, 0, 255 - i * 50)) for i in range(5)]
+    durations = [100, 200, 300, 400, 500]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    result, path = run(tmp_path, buf.getvalue())
+    assert result["animated"] and result["framesIn"] == 5 and result["framesOut"] == 5
+    out = Image.open(path)
+    assert out.format == "WEBP" and out.n_frames == 5
+    got = []
+    for i in range(5):
+        out.seek(i)
+        out.load()
+        got.append(out.info["duration"])
+    assert got == durations
+    # JPEG cannot animate: the first frame only
+    result, path = run(tmp_path, buf.getvalue(), format="jpeg")
+    assert not result["animated"] and result["framesOut"] == 1
+
+
+def test_metadata_and_gps_are_stripped(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N"
+    gps[2] = (48.0, 51.0, 29.0)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    assert b"CameraMaker" in buf.getvalue()
+    for fmt in ("webp", "jpeg", "png", "original"):
+        _, path = run(tmp_path, buf.getvalue(), format=fmt)
+        raw = path.read_bytes()
+        assert b"CameraMaker" not in raw and b"Exif" not in raw, fmt
+        assert not Image.open(path).getexif().get_ifd(0x8825)
+
+
+def test_never_worse_keeps_stripped_original(tmp_path):
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    buf = io.BytesIO()
+    Image.effect_noise((200, 200), 60).convert("RGB").save(buf, "JPEG", quality=30, exif=exif.tobytes())
+    data = buf.getvalue() + b"PK\x03\x04 trailing payload"
+    result, path = run(tmp_path, data, format="original", quality=100)
+    assert result["optimization"]["keptOriginalEncoding"] is True
+    out = path.read_bytes()
+    assert len(out) < len(data) and b"CameraMaker" not in out and b"payload" not in out
+    assert ImageChops.difference(Image.open(path).convert("RGB"), Image.open(io.BytesIO(data)).convert("RGB")).getbbox() is None
+
+
+def _png_with_size(width, height):
+    good = image_bytes("PNG", (16, 16))
+    ihdr = struct.pack(">II", width, height) + good[24:29]
+    chunk = b"IHDR" + ihdr
+    return good[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + good[33:]
+
+
+def test_header_bomb_refused_before_decoding(tmp_path):
+    src = tmp_path / "bomb.png"
+    src.write_bytes(_png_with_size(30000, 30000))
+    with pytest.raises(ImageError) as err:
+        probe(src, LIMITS)
+    assert err.value.code == "IMAGE_TOO_LARGE" and not err.value.transient
+    src.write_bytes(_png_with_size(8000, 8000))  # under Pillow's own limit, over ours
+    with pytest.raises(ImageError, match="64,000,000"):
+        probe(src, LIMITS)
+
+
+def test_frame_budget_refuses_frame_bombs(tmp_path):
+    frames = [Image.new("L", (100, 100), i) for i in range(30)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    src = tmp_path / "anim.gif"
+    src.write_bytes(buf.getvalue())
+    with pytest.raises(ImageError) as err:
+        probe(src, Limits(max_animation_pixels=100 * 100 * 29))
+    assert err.value.code == "IMAGE_TOO_LARGE"
+    # longer than MAX_FRAMES but within the budget: kept as a still
+    result, _ = run(tmp_path, buf.getvalue(), Limits(max_frames=10))
+    assert result["framesIn"] == 30 and result["framesOut"] == 1 and not result["animated"]
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"", "INVALID_IMAGE"),
+    (b"x", "UNSUPPORTED_FORMAT"),
+    (b"<?php echo 1; ?>", "UNSUPPORTED_FORMAT"),
+    (image_bytes("BMP"), "UNSUPPORTED_FORMAT"),
+    (image_bytes("TIFF"), "UNSUPPORTED_FORMAT"),
+    (image_bytes("JPEG", (300, 300))[:600], "INVALID_IMAGE"),
+    (image_bytes("PNG", (300, 300))[:200], "INVALID_IMAGE"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "INVALID_IMAGE"),
+])
+def test_bad_inputs_get_deterministic_codes(tmp_path, data, code):
+    with pytest.raises(ImageError) as err:
+        run(tmp_path, data)
+    assert err.value.code == code and not err.value.transient
+    assert list((tmp_path / "out").iterdir()) == []  # nothing left behind
+
+
+def test_disallowed_format_is_unsupported(tmp_path):
+    with pytest.raises(ImageError) as err:
+        run(tmp_path, image_bytes("GIF"), Limits(formats=("jpeg", "png")))
+    assert err.value.code == "UNSUPPORTED_FORMAT"
+
+
+def test_missing_input_is_transient_io_error(tmp_path):
+    with pytest.raises(ImageError) as err:
+        process(tmp_path / "gone", tmp_path, "j", {}, LIMITS)
+    assert err.value.code == "IO_ERROR" and err.value.transient
+
+
+def test_sniff():
+    assert sniff(image_bytes("WEBP")) == "webp" and sniff(image_bytes("GIF")) == "gif"
+    assert sniff(b"BM....") == "bmp" and sniff(b"hello") is None
