@@ -1,0 +1,277 @@
+"""The ``imgworker`` command: service processes and operator commands.
+
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad configuration (the message
+names the key), so systemd's RestartPreventExitStatus=2 stops a restart loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from . import config as config_mod
+from . import db, log
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgworker", description="Durable image-processing job service.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", help="API + supervisor + worker pool in one command (the everyday start)")
+    sub.add_parser("api", help="the HTTP API alone")
+    sub.add_parser("worker", help="the supervisor and its worker pool alone")
+    m = sub.add_parser("migrate", help="apply database migrations")
+    m.add_argument("--status", action="store_true", help="list migrations and whether each is applied")
+    pr = sub.add_parser("process", help="upload files to a server, wait, download (local fallback)")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursive)")
+    pr.add_argument("--server", default=None, help="server URL (default http://HOST:PORT)")
+    pr.add_argument("--out", default=".", help="output folder (default: current folder)")
+    pr.add_argument("--format", default=None, choices=config_mod.OUTPUT_FORMATS)
+    pr.add_argument("--priority", type=int, default=0)
+    pr.add_argument("--quality", type=int, default=None, help="1-100")
+    pr.add_argument("--local", action="store_true", help="process here, without a server")
+    pr.add_argument("--json", action="store_true", help="print one JSON result per file")
+    j = sub.add_parser("jobs", help="list jobs, newest first")
+    j.add_argument("--status", choices=("queued", "processing", "completed", "failed", "retrying", "cancelled"))
+    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--json", action="store_true")
+    one = sub.add_parser("job", help="show one job")
+    one.add_argument("id")
+    one.add_argument("--json", action="store_true")
+    r = sub.add_parser("retry", help="send a failed job back to the queue")
+    r.add_argument("id")
+    c = sub.add_parser("cancel", help="cancel a queued or retrying job")
+    c.add_argument("id")
+    s = sub.add_parser("stats", help="queue statistics")
+    s.add_argument("--json", action="store_true")
+    sub.add_parser("cleanup", help="remove expired jobs, their files and orphan files now")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = config_mod.load()
+    except config_mod.ConfigError as exc:
+        print(f"imgworker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.setup(cfg.log_level)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except db.DatabaseError as exc:
+        print(f"imgworker: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+def _queue(cfg: config_mod.Config):
+    from .queue import JobQueue
+    from .storage import Storage
+
+    Storage(cfg.data_dir).ensure()
+    q = JobQueue(cfg.database_path)
+    q.migrate()
+    return q
+
+
+# -- service processes ------------------------------------------------------------
+def cmd_worker(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from . import supervisor
+
+    return supervisor.run(cfg)
+
+
+def cmd_api(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from . import api
+
+    return api.run(cfg)
+
+
+def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """Run ``imgworker api`` and ``imgworker worker`` as two children, the way
+    the systemd units do, and stop both when either stops or on SIGTERM/SIGINT."""
+    _queue(cfg).close()  # data dirs + migrations, once, before either half starts
+    me = log.get("serve")
+    children = {
+        name: subprocess.Popen([sys.executable, "-m", "imgworker", name]) for name in ("worker", "api")
+    }
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: stop.append(s))
+    code = EXIT_OK
+    while not stop:
+        exited = [n for n, p in children.items() if p.poll() is not None]
+        if exited:
+            name = exited[0]
+            code = children[name].returncode
+            me.error("The %s process exited with code %s; stopping", name, code)
+            code = code if code in (EXIT_USAGE,) else EXIT_FAIL
+            break
+        time.sleep(0.1)
+    sig = stop[0] if stop else signal.SIGTERM
+    for p in children.values():
+        if p.poll() is None:
+            try:
+                p.send_signal(sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + cfg.shutdown_timeout_ms / 1000 + 10
+    for name, p in children.items():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            me.error("The %s process did not stop in time: killing it", name)
+            p.kill()
+            p.wait()
+        if stop and p.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+            code = EXIT_FAIL
+    return code
+
+
+# -- database commands ---------------------------------------------------------------
+def cmd_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from .storage import Storage
+
+    Storage(cfg.data_dir).ensure()
+    conn = db.connect(cfg.database_path)
+    if args.status:
+        applied = db.applied_migrations(conn)
+        for version, name, _path in db.available_migrations():
+            when = applied.get(version)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when[1] / 1000)) if when else "pending"
+            print(f"{version:04d}  {name:<30} {stamp}")
+        return EXIT_OK
+    done = db.migrate(conn)
+    print("\n".join(f"applied {n}" for n in done) if done else "database is up to date")
+    return EXIT_OK
+
+
+def _fmt_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    keep = ("id", "batch_id", "status", "priority", "attempts", "max_attempts", "original_name", "input_size",
+            "created_at", "started_at", "completed_at", "run_at", "error_code", "error", "options", "result")
+    return {k: job[k] for k in keep}
+
+
+def cmd_jobs(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    jobs = _queue(cfg).list(args.status, args.limit)
+    if args.json:
+        print(json.dumps([_public(j) for j in jobs], indent=2))
+        return EXIT_OK
+    rows = [[j["id"], j["status"], str(j["priority"]), f"{j['attempts']}/{j['max_attempts']}",
+             _fmt_time(j["created_at"]), j["original_name"][:40], j["error_code"] or ""] for j in jobs]
+    print(_table(rows, ["ID", "STATUS", "PRI", "TRIES", "CREATED", "FILE", "ERROR"]) if rows else "no jobs")
+    return EXIT_OK
+
+
+def cmd_job(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    job = _queue(cfg).get(args.id)
+    if job is None:
+        print(f"imgworker: job {args.id} not found", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(_public(job), indent=2))
+        return EXIT_OK
+    fields = [("id", job["id"]), ("status", job["status"]), ("priority", job["priority"]),
+              ("attempts", f"{job['attempts']}/{job['max_attempts']}"), ("file", job["original_name"]),
+              ("size", job["input_size"]), ("created", _fmt_time(job["created_at"])),
+              ("started", _fmt_time(job["started_at"])), ("finished", _fmt_time(job["completed_at"]))]
+    if job["status"] == "retrying":
+        fields.append(("next retry", _fmt_time(job["run_at"])))
+    if job["error_code"]:
+        fields.append(("error", f"{job['error_code']}: {job['error']}"))
+    if job["result"]:
+        pf = job["result"]["processedFile"]
+        fields.append(("output", f"{pf['filename']} ({pf['size']} bytes, {pf['dimensions']['width']}x{pf['dimensions']['height']})"))
+    print("\n".join(f"{k:<11} {v}" for k, v in fields))
+    return EXIT_OK
+
+
+def _action(fn_name: str, done: str):
+    def command(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+        from .errors import ServiceError
+
+        q = _queue(cfg)
+        try:
+            if fn_name == "retry":
+                q.retry(args.id, cfg.max_queue_size)
+            else:
+                q.cancel(args.id)
+        except ServiceError as exc:
+            print(f"imgworker: {exc.message}", file=sys.stderr)
+            return EXIT_FAIL
+        from . import wakeup
+
+        wakeup.notify(cfg.database_path)
+        print(f"job {args.id} {done}")
+        return EXIT_OK
+
+    return command
+
+
+def cmd_stats(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    q = _queue(cfg)
+    stats = q.stats()
+    sups = q.supervisors()
+    if args.json:
+        print(json.dumps({**stats, "supervisors": sups}, indent=2))
+        return EXIT_OK
+    width = max(len(k) for k in stats)
+    for k, v in stats.items():
+        if k != "byStatus":
+            print(f"{k:<{width}}  {v}")
+    print("by status".ljust(width) + "  " + ", ".join(f"{k} {v}" for k, v in stats["byStatus"].items()))
+    for s in sups:
+        st = s["state"]
+        age = (time.time() * 1000 - s["heartbeat_at"]) / 1000
+        print(f"supervisor {s['id']}: heartbeat {age:.1f}s ago, workers {st.get('workers')}, "
+              f"paused {st.get('paused')}{' (' + st['pauseReason'] + ')' if st.get('pauseReason') else ''}")
+    return EXIT_OK
+
+
+def cmd_cleanup(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from .storage import Storage
+
+    counts = Storage(cfg.data_dir).cleanup(_queue(cfg), cfg.job_retention_ms)
+    print(f"removed {counts['jobs']} expired jobs and {counts['files']} files")
+    return EXIT_OK
+
+
+def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from . import client
+
+    return client.cli(cfg, args)
+
+
+COMMANDS = {
+    "serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "migrate": cmd_migrate, "process": cmd_process,
+    "jobs": cmd_jobs, "job": cmd_job, "retry": _action("retry", "queued again"),
+    "cancel": _action("cancel", "cancelled"), "stats": cmd_stats, "cleanup": cmd_cleanup,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

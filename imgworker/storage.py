@@ -1,0 +1,129 @@
+"""The data directory: where uploads, outputs and temp files live, and their cleanup.
+
+Layout under DATA_DIR::
+
+    uploads/<jobId>.<ext>            accepted uploads (kept until the job's retention ends)
+    processed/processed_<jobId>.<ext> outputs, written atomically by the pipeline
+    tmp/                             uploads being received; anything old here is an orphan
+
+Client file names are never used as paths: every name here is built from a
+job id the service generated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from . import log
+
+LOG = log.get("cleanup")
+OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif)$")
+UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})\.(jpg|png|webp|gif)$")
+ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
+
+
+class Storage:
+    def __init__(self, data_dir: Path):
+        self.root = Path(data_dir)
+        self.uploads = self.root / "uploads"
+        self.processed = self.root / "processed"
+        self.tmp = self.root / "tmp"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.uploads, self.processed, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def upload_path(self, job_id: str, fmt: str) -> Path:
+        return self.uploads / f"{job_id}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+    def output_file(self, filename: str) -> Path | None:
+        """The processed file named ``filename`` if it is one the service
+        wrote: the name must match processed_<id>.<ext> exactly (no
+        separators, dots, NUL or encodings), and the file must be a regular
+        file, not a symlink. None otherwise."""
+        if not OUTPUT_NAME.fullmatch(filename):
+            return None
+        path = self.processed / filename
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) else None
+
+    def cleanup(self, queue: Any, retention_ms: int, now_ms: int | None = None) -> dict[str, int]:
+        """Remove finished jobs older than the retention with their files,
+        and orphan files (temp files, uploads and outputs without a job row)
+        older than ORPHAN_AGE_S. Returns counts."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        removed_jobs = removed_files = 0
+        while True:
+            expired = queue.expired(older_than=now_ms - retention_ms)
+            if not expired:
+                break
+            for job in expired:
+                for p in (job["input_path"], job["output_path"]):
+                    removed_files += _unlink(p)
+            removed_jobs += queue.delete([j["id"] for j in expired])
+        cutoff = now_ms / 1000 - ORPHAN_AGE_S
+        for entry in _old_entries(self.tmp, cutoff):
+            removed_files += _unlink(entry)
+        for folder, pattern in ((self.uploads, UPLOAD_NAME), (self.processed, OUTPUT_NAME)):
+            candidates: dict[str, list[Path]] = {}
+            for entry in _old_entries(folder, cutoff):
+                match = pattern.match(entry.name)
+                if match:
+                    candidates.setdefault(match.group(1), []).append(entry)
+                elif entry.name.startswith(".tmp-"):
+                    removed_files += _unlink(entry)
+            if candidates:
+                known = queue.known_ids(candidates)
+                for job_id, paths in candidates.items():
+                    if job_id not in known:
+                        for p in paths:
+                            removed_files += _unlink(p)
+        if removed_jobs or removed_files:
+            LOG.info("Cleanup removed %d expired jobs and %d files", removed_jobs, removed_files)
+        return {"jobs": removed_jobs, "files": removed_files}
+
+
+    def remove_partial_outputs(self) -> int:
+        """Delete half-written outputs (``.tmp-*`` in processed/). Only safe
+        when no supervisor is running jobs on this storage."""
+        count = 0
+        for entry in _old_entries(self.processed, float("inf")):
+            if entry.name.startswith(".tmp-"):
+                count += _unlink(entry)
+        return count
+
+
+def _old_entries(folder: Path, cutoff: float) -> list[Path]:
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        out.append(Path(entry.path))
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return out
+
+
+def _unlink(path: str | Path | None) -> int:
+    if not path:
+        return 0
+    try:
+        os.unlink(path)
+        return 1
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        LOG.warning("Could not remove %s: %s", path, exc)
+        return 0

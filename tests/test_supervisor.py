@@ -1,0 +1,168 @@
+"""The supervisor and its pool, as real processes on a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+
+from helpers import image_bytes
+from conftest import wait_for
+
+PHOTO = image_bytes("JPEG", (1600, 1200), quality=90)
+
+
+def status(svc, job_id):
+    return svc.queue.get(job_id)["status"]
+
+
+def all_done(svc, ids, want="completed"):
+    return all(status(svc, j) == want for j in ids)
+
+
+def test_jobs_flow_and_outputs_written(service):
+    svc = service(MAX_CONCURRENT_JOBS=2)
+    ids = [svc.submit(PHOTO, name=f"p{i}.jpg") for i in range(6)]
+    wait_for(lambda: all_done(svc, ids), 30, message="jobs completed")
+    for j in ids:
+        job = svc.queue.get(j)
+        out = svc.storage.processed / f"processed_{j}.webp"
+        assert out.is_file() and job["output_path"] == str(out)
+        assert job["result"]["processedFile"]["size"] == out.stat().st_size
+    assert "Job completed in" in svc.log() and "Max concurrent jobs: 2" in svc.log()
+
+
+def test_stuck_job_killed_retried_then_failed_while_others_flow(service):
+    svc = service(MAX_CONCURRENT_JOBS=2, JOB_TIMEOUT_MS=700, MAX_RETRIES=1, RETRY_BASE_DELAY_MS=300)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 2 else None,
+                    15, message="pool up")
+    before = {w["pid"] for w in pool}
+    stuck = svc.submit(PHOTO, _testSleepMs=60_000)
+    wait_for(lambda: status(svc, stuck) == "processing", 5)
+    claimed = time.monotonic()
+    others = [svc.submit(PHOTO) for _ in range(4)]
+    wait_for(lambda: status(svc, stuck) == "retrying", 3, message="first timeout")
+    assert time.monotonic() - claimed < 0.7 + 1.0  # killed within timeout + 1 s
+    job = svc.queue.get(stuck)
+    assert job["error_code"] == "TIMEOUT" and job["attempts"] == 1
+    dead = wait_for(lambda: [p for p in before if not alive(p)], 2, message="stuck worker killed")
+    assert len(dead) == 1
+    wait_for(lambda: all_done(svc, others), 20, message="other jobs completed meanwhile")
+    wait_for(lambda: status(svc, stuck) == "failed", 10, message="failed after retries")
+    job = svc.queue.get(stuck)
+    assert job["error_code"] == "TIMEOUT" and job["attempts"] == 2
+    wait_for(lambda: svc.state()["workers"]["alive"] == 2, 2.5, message="pool back to full strength")
+    assert "killing worker" in svc.log() and "retry scheduled at" in svc.log()
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_worker_killed_mid_job_is_reaped_replaced_and_job_retried(service):
+    svc = service(MAX_CONCURRENT_JOBS=1, RETRY_BASE_DELAY_MS=100)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
+    job_id = svc.submit(PHOTO, _testSleepMs=800)
+    wait_for(lambda: status(svc, job_id) == "processing", 5)
+    os.kill(pool[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: svc.queue.get(job_id)["error_code"] == "WORKER_CRASHED", 5, message="crash recorded")
+    wait_for(lambda: status(svc, job_id) == "completed", 15)
+    assert svc.queue.get(job_id)["attempts"] == 2
+    assert "SIGKILL: perhaps out of memory?" in svc.log()
+    new_pids = {w["pid"] for w in svc.state()["pool"]}
+    assert pool[0]["pid"] not in new_pids
+
+
+def test_kill9_of_whole_tree_loses_nothing(service, tmp_path):
+    svc = service(start=False, MAX_CONCURRENT_JOBS=2, RETRY_BASE_DELAY_MS=50, MAX_RETRIES=10)
+    small = [image_bytes("JPEG", (900 + i, 700), quality=85, color=(i % 255, 100, 50)) for i in range(5)]
+    ids = [svc.submit(small[i % 5], name=f"{i}.jpg") for i in range(120)]
+    rng = random.Random(7)
+    for round_ in range(5):
+        svc.start()
+        time.sleep(rng.uniform(0.4, 1.2))
+        workers = [p for p in psutil.Process(svc.proc.pid).children()]
+        svc.kill_tree()
+        assert not [p for p in workers if alive(p.pid)]
+    svc.start()
+    wait_for(lambda: all_done(svc, ids), 90, interval=0.2, message="every job completed after restarts")
+    s = svc.queue.stats()
+    assert s["byStatus"]["processing"] == 0 and s["completedJobs"] == len(ids)
+    outputs = sorted(p.name for p in svc.storage.processed.iterdir())
+    assert outputs == sorted(f"processed_{j}.webp" for j in ids)  # exactly one each, no temp files
+    assert "Recovered from a stopped worker or supervisor" in svc.log()
+
+
+def test_memory_pause_then_resume_on_reload(service, tmp_path):
+    (tmp_path / ".env").write_text("MEMORY_PAUSE_PERCENT=0\nMEMORY_RESUME_PERCENT=0\n")
+    svc = service()
+    job_id = svc.submit(PHOTO)
+    wait_for(lambda: svc.state().get("paused"), 5, message="paused")
+    time.sleep(0.5)  # give it every chance to (wrongly) claim
+    assert status(svc, job_id) == "queued"
+    assert "MEMORY_PAUSE_PERCENT" in svc.state()["pauseReason"]
+    assert "Paused claiming jobs" in svc.log()
+    (tmp_path / ".env").write_text("MEMORY_PAUSE_PERCENT=99.9\nMEMORY_RESUME_PERCENT=99\n")
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: status(svc, job_id) == "completed", 10, message="resumed after reload")
+    assert not svc.state()["paused"] and "Resumed claiming jobs" in svc.log()
+
+
+def test_graceful_stop_lets_running_job_finish(service):
+    svc = service(MAX_CONCURRENT_JOBS=1)
+    job_id = svc.submit(PHOTO, _testSleepMs=1000)
+    wait_for(lambda: status(svc, job_id) == "processing", 10)
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=10) == 0
+    assert status(svc, job_id) == "completed"
+    assert svc.queue.supervisors() == []
+
+
+def test_graceful_stop_past_timeout_requeues_without_spending_attempt(service):
+    svc = service(MAX_CONCURRENT_JOBS=1, SHUTDOWN_TIMEOUT_MS=300)
+    pid = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)[0]["pid"]
+    job_id = svc.submit(PHOTO, _testSleepMs=20_000)
+    wait_for(lambda: status(svc, job_id) == "processing", 10)
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 3
+    job = svc.queue.get(job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0
+    assert not alive(pid)
+
+
+def test_idle_service_starts_a_job_within_milliseconds(service):
+    svc = service(MAX_CONCURRENT_JOBS=1)
+    wait_for(lambda: svc.state().get("workers", {}).get("alive") == 1, 15)
+    time.sleep(0.3)  # fully idle: sleeping in select
+    lags = []
+    for _ in range(5):
+        job_id = svc.submit(image_bytes("PNG", (8, 8)))
+        wait_for(lambda: status(svc, job_id) == "completed", 5)
+        job = svc.queue.get(job_id)
+        lags.append(job["started_at"] - job["created_at"])
+    assert sorted(lags)[2] < 50, lags  # median well under the 250 ms poll
+
+
+def test_worker_over_rss_limit_is_recycled(service):
+    svc = service(MAX_CONCURRENT_JOBS=1, WORKER_MAX_RSS_MB=16)
+    ids = [svc.submit(PHOTO) for _ in range(3)]
+    wait_for(lambda: all_done(svc, ids), 30)
+    wait_for(lambda: svc.state()["counters"]["recycled"] >= 2, 3, message="recycled count reported")
+    assert "replacing it" in svc.log()
+
+
+def test_workers_hold_no_database_descriptor(service):
+    svc = service(MAX_CONCURRENT_JOBS=2)
+    pool = wait_for(lambda: svc.state().get("pool") if svc.state().get("workers", {}).get("alive") == 2 else None, 15)
+    for w in pool:
+        targets = [os.readlink(f"/proc/{w['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{w['pid']}/fd")]
+        assert not [t for t in targets if "imgworker.db" in t], targets
+        assert os.getpgid(w["pid"]) == w["pid"]  # own process group
