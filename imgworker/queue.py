@@ -79,46 +79,53 @@ def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
 
 
 class JobQueue:
-    """All database access of imgworker. Thread-safe within one process.
+    """All database access of imgworker.
 
-    The connection is opened lazily in the process that uses it and reopened
-    after a fork, so no connection is ever used across ``fork``.
+    Each thread gets its own connection, opened lazily in the process that
+    uses it and reopened after a fork, so no connection is ever used across
+    ``fork`` or shared between threads (a status poll never waits behind an
+    upload's write transaction in another API thread).
     """
 
     def __init__(self, path: Path | str, durable: bool = True):
         self.path = str(path)
         self.durable = durable
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None or self._pid != os.getpid():
-            self._conn = db.connect(self.path, durable=self.durable)
-            self._pid = os.getpid()
-        return self._conn
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn = db.connect(self.path, durable=self.durable)
+            local.pid = os.getpid()
+            with self._all_lock:
+                self._all.append(local.conn)
+        return local.conn
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+        """Close every connection this process opened through this queue."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.ProgrammingError:
+                pass
+        self._local = threading.local()
 
     def migrate(self) -> list[str]:
-        with self._lock:
-            return db.migrate(self.conn)
+        return db.migrate(self.conn)
 
     def ping(self) -> None:
         """Raise sqlite3.Error unless the database answers a query on the jobs table."""
-        with self._lock:
-            self.conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        self.conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database file (PASSIVE: never blocks writers)."""
-        with self._lock:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- producing --------------------------------------------------------
     def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int, now: int | None = None) -> None:
@@ -129,7 +136,7 @@ class JobQueue:
         """
         jobs = list(jobs)
         now = now_ms() if now is None else now
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             waiting = c.execute(
                 "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
             ).fetchone()[0]
@@ -155,7 +162,7 @@ class JobQueue:
         come) for ``owner``: mark it ``processing``, count the attempt and set a
         lease expiring at now + ``lease_ms``. Returns the job, or None."""
         now = now_ms() if now is None else now
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             row = c.execute(
                 "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
                 " started_at = ?, lease_owner = ?, lease_expires_at = ?"
@@ -170,7 +177,7 @@ class JobQueue:
         """Mark a job ``completed`` with its result. False (and no change) if
         ``owner`` no longer holds the job's lease."""
         now = now_ms() if now is None else now
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             cur = c.execute(
                 "UPDATE jobs SET status = 'completed', completed_at = ?, result = ?, output_path = ?,"
                 " error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
@@ -188,7 +195,7 @@ class JobQueue:
         or None), or None if ``owner`` no longer holds the lease.
         """
         now = now_ms() if now is None else now
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             row = c.execute(
                 "SELECT attempts, max_attempts FROM jobs WHERE id = ? AND status = 'processing' AND lease_owner = ?",
                 (job_id, owner),
@@ -218,7 +225,7 @@ class JobQueue:
         """Give a claimed job back without spending its attempt (graceful
         stop): back to ``queued`` (or ``retrying`` if it had failed before),
         claimable at once."""
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             cur = c.execute(
                 "UPDATE jobs SET status = CASE WHEN error_code IS NULL THEN 'queued' ELSE 'retrying' END,"
                 " attempts = max(attempts - 1, 0), run_at = ?, started_at = NULL,"
@@ -228,10 +235,9 @@ class JobQueue:
             )
             return cur.rowcount == 1
 
-    def recover(self, dead_owners: Iterable[str], policy: RetryPolicy, now: int | None = None,
-                live_owner: str | None = None) -> list[tuple[str, str]]:
+    def recover(self, dead_owners: Iterable[str], policy: RetryPolicy, now: int | None = None) -> list[tuple[str, str]]:
         """Take back ``processing`` jobs whose lease expired or whose owner is
-        in ``dead_owners`` (``live_owner``'s unexpired leases are kept). The
+        in ``dead_owners``. The
         spent attempt counts: such a job goes to ``retrying`` with backoff, or
         ``failed`` (``WORKER_LOST``) when its attempts are used up. Returns
         (job id, new status) pairs."""
@@ -240,7 +246,10 @@ class JobQueue:
         marks = ",".join("?" * len(dead))
         where = "lease_expires_at < ?" + (f" OR lease_owner IN ({marks})" if dead else "")
         out = []
-        with self._lock, db.write(self.conn) as c:
+        query = f"SELECT count(*) FROM jobs WHERE status = 'processing' AND ({where})"
+        if not self.conn.execute(query, (now, *dead)).fetchone()[0]:
+            return out  # the common case: no write transaction at all
+        with db.write(self.conn) as c:
             rows = c.execute(
                 f"SELECT id, attempts, max_attempts, lease_owner FROM jobs WHERE status = 'processing' AND ({where})",
                 (now, *dead),
@@ -255,16 +264,15 @@ class JobQueue:
 
     def next_run_at(self) -> int | None:
         """Earliest ``run_at`` among claimable jobs (to sleep until it)."""
-        with self._lock:
-            row = self.conn.execute(
-                "SELECT min(run_at) FROM jobs WHERE status IN ('queued', 'retrying')"
-            ).fetchone()
+        row = self.conn.execute(
+            "SELECT min(run_at) FROM jobs WHERE status IN ('queued', 'retrying')"
+        ).fetchone()
         return row[0]
 
     # -- operator actions -----------------------------------------------------
     def cancel(self, job_id: str) -> None:
         """Cancel a ``queued``/``retrying`` job. NotFound / Conflict otherwise."""
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             row = c.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"Job {job_id} not found")
@@ -278,7 +286,7 @@ class JobQueue:
         """Send a ``failed`` job back to ``queued`` with a fresh attempt budget
         (its upload is kept until retention ends). NotFound / Conflict /
         QueueFull otherwise."""
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             row = c.execute("SELECT status, input_path FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"Job {job_id} not found")
@@ -297,51 +305,46 @@ class JobQueue:
 
     # -- reading ---------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            return _decode(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return _decode(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def queue_position(self, job: dict[str, Any]) -> int:
         """1-based position of a queued job in claim order (ignoring run_at)."""
-        with self._lock:
-            ahead = self.conn.execute(
-                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
-                " AND (priority > ? OR (priority = ? AND seq < ?))",
-                (job["priority"], job["priority"], job["seq"]),
-            ).fetchone()[0]
+        ahead = self.conn.execute(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
+            " AND (priority > ? OR (priority = ? AND seq < ?))",
+            (job["priority"], job["priority"], job["seq"]),
+        ).fetchone()[0]
         return ahead + 1
 
     def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Newest first, optionally of one status."""
-        with self._lock:
-            if status:
-                rows = self.conn.execute(
-                    "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?", (status, limit)
-                ).fetchall()
-            else:
-                rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        if status:
+            rows = self.conn.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ?", (status, limit)
+            ).fetchall()
+        else:
+            rows = self.conn.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [_decode(r) for r in rows]
 
     def batch(self, batch_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self.conn.execute("SELECT * FROM jobs WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
+        rows = self.conn.execute("SELECT * FROM jobs WHERE batch_id = ? ORDER BY seq", (batch_id,)).fetchall()
         return [_decode(r) for r in rows]
 
     def stats(self, now: int | None = None) -> dict[str, Any]:
         """The original service's queue statistics."""
         now = now_ms() if now is None else now
         day_ago = now - 86_400_000
-        with self._lock:
-            c = self.conn
-            counts = dict(c.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
-            counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
-            avg = c.execute(
-                "SELECT avg(json_extract(result, '$.processingTime')) FROM"
-                " (SELECT result FROM jobs WHERE status = 'completed' ORDER BY completed_at DESC LIMIT 100)"
-            ).fetchone()[0]
-            recent = dict(c.execute(
-                "SELECT status, count(*) FROM jobs WHERE status IN ('completed', 'failed')"
-                " AND completed_at >= ? GROUP BY status", (day_ago,)
-            ).fetchall())
+        c = self.conn
+        counts = dict(c.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        counters = dict(c.execute("SELECT name, value FROM counters").fetchall())
+        avg = c.execute(
+            "SELECT avg(json_extract(result, '$.processingTime')) FROM"
+            " (SELECT result FROM jobs WHERE status = 'completed' ORDER BY completed_at DESC LIMIT 100)"
+        ).fetchone()[0]
+        recent = dict(c.execute(
+            "SELECT status, count(*) FROM jobs WHERE status IN ('completed', 'failed')"
+            " AND completed_at >= ? GROUP BY status", (day_ago,)
+        ).fetchall())
         return {
             "totalJobs": counters.get("jobs_total", 0),
             # Rows removed by cleanup are tallied in counters by delete().
@@ -358,11 +361,10 @@ class JobQueue:
     # -- housekeeping --------------------------------------------------------
     def expired(self, older_than: int) -> list[dict[str, Any]]:
         """Finished jobs whose completion is before ``older_than``."""
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT id, input_path, output_path FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
-                " AND completed_at < ? LIMIT 1000", (older_than,)
-            ).fetchall()
+        rows = self.conn.execute(
+            "SELECT id, input_path, output_path FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+            " AND completed_at < ? LIMIT 1000", (older_than,)
+        ).fetchall()
         return [dict(r) for r in rows]
 
     def delete(self, job_ids: Iterable[str]) -> int:
@@ -372,7 +374,7 @@ class JobQueue:
         if not ids:
             return 0
         marks = ",".join("?" * len(ids))
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             for status, name in (("completed", "jobs_completed"), ("failed", "jobs_failed")):
                 c.execute(
                     f"UPDATE counters SET value = value + (SELECT count(*) FROM jobs WHERE status = ?"
@@ -386,20 +388,19 @@ class JobQueue:
         """Which of ``job_ids`` have a row (to find orphan files)."""
         ids = list(job_ids)
         found: set[str] = set()
-        with self._lock:
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                rows = self.conn.execute(
-                    f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk
-                ).fetchall()
-                found.update(r[0] for r in rows)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = self.conn.execute(
+                f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            found.update(r[0] for r in rows)
         return found
 
     # -- supervisor state -------------------------------------------------------
     def heartbeat(self, sup_id: str, hostname: str, pid: int, started_at: int, state: dict[str, Any]) -> None:
         """Record that supervisor ``sup_id`` is alive, with its current state."""
         now = now_ms()
-        with self._lock, db.write(self.conn) as c:
+        with db.write(self.conn) as c:
             c.execute(
                 "INSERT INTO supervisors (id, hostname, pid, started_at, heartbeat_at, state)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
@@ -408,8 +409,7 @@ class JobQueue:
             )
 
     def supervisors(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self.conn.execute("SELECT * FROM supervisors ORDER BY heartbeat_at DESC").fetchall()
+        rows = self.conn.execute("SELECT * FROM supervisors ORDER BY heartbeat_at DESC").fetchall()
         out = []
         for r in rows:
             d = dict(r)
@@ -420,5 +420,5 @@ class JobQueue:
     def remove_supervisors(self, sup_ids: Iterable[str]) -> None:
         ids = list(sup_ids)
         if ids:
-            with self._lock, db.write(self.conn) as c:
+            with db.write(self.conn) as c:
                 c.execute(f"DELETE FROM supervisors WHERE id IN ({','.join('?' * len(ids))})", ids)

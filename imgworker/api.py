@@ -1,0 +1,501 @@
+"""The HTTP API: Bottle routes served by Waitress.
+
+Data flows one way: an upload is checked (format by content, pixel and frame
+limits from the header), moved under uploads/ and written as a job row; the
+supervisor does the rest. The API reads supervisor state from the database
+and never imports the supervisor.
+
+One error boundary (:func:`_boundary`) maps domain errors to
+``{"success": false, "error", "code"}`` with their status; unknown routes and
+methods get JSON 404/405; nothing ever returns a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mimetypes
+import os
+import re
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import bottle
+
+from . import config as config_mod
+from . import imaging, log, wakeup
+from .errors import ImageError, InvalidParameter, NotFound, ServiceError
+from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, secure
+from .queue import JobQueue, NewJob
+from .storage import Storage
+from .uploads import Form, UploadedFile, read_form
+
+LOG = log.get("api")
+HEALTH_STALE_MS = 5000
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+class Api:
+    """The application; ``self.wsgi`` is what Waitress serves."""
+
+    def __init__(self, cfg: config_mod.Config, queue: JobQueue | None = None):
+        self.cfg = cfg
+        self.queue = queue or JobQueue(cfg.database_path)
+        self.storage = Storage(cfg.data_dir)
+        self.storage.ensure()
+        self.limits = imaging.Limits.from_config(cfg)
+        self.ratelimit = RateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000)
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self._avg: tuple[float, int] = (0.0, 0)
+        self.app = bottle.Bottle(catchall=False)
+        self.app.install(self._boundary)
+        self._routes()
+        self.wsgi = secure(self.app, cfg, self.metrics)
+
+    # -- the error boundary -------------------------------------------------------
+    def _boundary(self, callback: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return callback(*args, **kwargs)
+            except bottle.HTTPResponse:
+                raise
+            except ServiceError as exc:
+                self.metrics.rejected(exc.code)
+                LOG.info("Refused %s %s: %s (%s)", bottle.request.method, bottle.request.path, exc.message, exc.code)
+                headers = {}
+                if exc.code == "QUEUE_FULL":
+                    headers["Retry-After"] = str(self._retry_after_s())
+                return self._error(exc.status, exc.message, exc.code, headers)
+            except Exception:
+                LOG.exception("Unhandled error on %s %s", bottle.request.method, bottle.request.path)
+                return self._error(500, "Internal server error", "INTERNAL_ERROR")
+
+        return wrapper
+
+    def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None,
+               **extra: Any) -> bottle.HTTPResponse:
+        body, hdrs = json_error(status, message, code, **extra)
+        hdrs.update(headers or {})
+        return bottle.HTTPResponse(body, status, **hdrs)
+
+    def _json(self, status: int, payload: dict[str, Any]) -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(json.dumps(payload), status, **{"Content-Type": "application/json",
+                                                                   "Cache-Control": "no-store"})
+
+    # -- routes -------------------------------------------------------------------------
+    def _routes(self) -> None:
+        r = self.app.route
+        r("/api/process/single", "POST", self.process_single)
+        r("/api/process/batch", "POST", self.process_batch)
+        r("/api/job/<job_id>", "GET", self.get_job)
+        r("/api/job/<job_id>", "DELETE", self.cancel_job)
+        r("/api/job/<job_id>/retry", "POST", self.retry_job)
+        r("/api/batch/<batch_id>", "GET", self.get_batch)
+        r("/api/images/<filename>", ["GET", "HEAD"], self.get_image)
+        r("/api/stats", "GET", self.get_stats)
+        r("/api/health", "GET", self.get_health)
+        r("/api/openapi.json", "GET", self.get_openapi)
+        r("/metrics", "GET", self.get_metrics)
+        r("/", "GET", self.get_page)
+        r("/static/<name>", "GET", self.get_static)
+        for code, text in ((404, "Not found"), (405, "Method not allowed")):
+            self.app.error(code)(self._http_error(code, text))
+        self.app.error(500)(self._http_error(500, "Internal server error"))
+        self.app.error(400)(self._http_error(400, "Bad request"))
+
+    def _http_error(self, status: int, text: str) -> Callable:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "INVALID_PARAMETER"}.get(status, "INTERNAL_ERROR")
+
+        def handler(err: bottle.HTTPError) -> str:
+            bottle.response.content_type = "application/json"
+            if status == 405 and err.headers.get("Allow"):
+                bottle.response.set_header("Allow", err.headers["Allow"])
+            return json_error(status, f"{text}: {bottle.request.method} {bottle.request.path}"
+                              if status in (404, 405) else text, code)[0]
+
+        return handler
+
+    # -- uploads ----------------------------------------------------------------------
+    def _count_request(self) -> None:
+        ip = self._client_ip()
+        allowed, headers = self.ratelimit.hit(ip)
+        for k, v in headers.items():
+            bottle.response.set_header(k, v)
+        if not allowed:
+            self.metrics.rejected("RATE_LIMITED")
+            raise bottle.HTTPResponse(*self._rate_limited(headers))
+
+    def _rate_limited(self, headers: dict[str, str]) -> tuple[str, int]:
+        body, hdrs = json_error(429, "Too many requests from this address; try again later", "RATE_LIMITED")
+        bottle.response.set_header("Retry-After", headers["RateLimit-Reset"])
+        bottle.response.content_type = "application/json"
+        return body, 429
+
+    def _client_ip(self) -> str:
+        env = bottle.request.environ
+        if self.cfg.trust_proxy:
+            fwd = env.get("HTTP_X_FORWARDED_FOR", "")
+            if fwd:
+                return fwd.split(",")[0].strip()
+        return env.get("REMOTE_ADDR", "?")
+
+    def _options(self, fields: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        def integer(name: str, lo: int, hi: int) -> int | None:
+            raw = fields.get(name, "").strip()
+            if raw == "":
+                return None
+            if not re.fullmatch(r"[+-]?\d{1,9}", raw) or not lo <= int(raw) <= hi:
+                raise InvalidParameter(f"'{name}' must be a whole number from {lo} to {hi} (got {raw[:30]!r})")
+            return int(raw)
+
+        priority = integer("priority", -1000, 1000) or 0
+        options: dict[str, Any] = {}
+        fmt = fields.get("format", "").strip().lower()
+        if fmt:
+            fmt = {"jpg": "jpeg"}.get(fmt, fmt)
+            if fmt not in config_mod.OUTPUT_FORMATS:
+                raise InvalidParameter(f"'format' must be one of {', '.join(config_mod.OUTPUT_FORMATS)} (got {fmt[:30]!r})")
+            options["format"] = fmt
+        for name, lo, hi in (("quality", 1, 100), ("maxWidth", 1, 65535), ("maxHeight", 1, 65535)):
+            value = integer(name, lo, hi)
+            if value is not None:
+                options[name] = value
+        return priority, options
+
+    def _read(self, file_fields: tuple[str, ...], max_files: int) -> Form:
+        env = bottle.request.environ
+        limit = body_limit(env.get("PATH_INFO", ""), self.cfg)
+        try:
+            declared = int(env.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if limit is not None and declared > limit:
+            raise ImageError("FILE_TOO_LARGE", self._too_large_text())
+        return read_form(env, self.storage.tmp, file_fields, self.cfg.max_file_bytes, max_files)
+
+    def _too_large_text(self) -> str:
+        return f"The file is larger than the {self.cfg.max_file_size_mb:g} MB limit"
+
+    def _check(self, upload: UploadedFile) -> imaging.Probe:
+        if upload.too_large:
+            raise ImageError("FILE_TOO_LARGE", self._too_large_text())
+        if upload.size == 0:
+            raise ImageError("INVALID_IMAGE", "The file is empty")
+        return imaging.probe(upload.path, self.limits)
+
+    def _stage(self, upload: UploadedFile, info: imaging.Probe, priority: int, options: dict[str, Any],
+               batch_id: str | None) -> NewJob:
+        """Move a checked upload under uploads/ with a name made from a new job id."""
+        job_id = uuid.uuid4().hex
+        final = self.storage.upload_path(job_id, info.format)
+        with open(upload.path, "rb") as fh:
+            os.fsync(fh.fileno())  # the job row promises the bytes are on disk
+        os.replace(upload.path, final)
+        upload.path = final
+        return NewJob(job_id, str(final), upload.filename, upload.size, info.format, priority, options, batch_id)
+
+    def _enqueue(self, jobs: list[NewJob]) -> None:
+        try:
+            self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts)
+        except BaseException:
+            for j in jobs:
+                try:
+                    os.unlink(j.input_path)
+                except FileNotFoundError:
+                    pass
+            raise
+        wakeup.notify(self.cfg.database_path)
+        self.metrics.accepted(len(jobs), sum(j.input_size for j in jobs))
+
+    def _estimate(self, position: int) -> int:
+        """ms until done: average processing time x (rounds of the pool ahead + 1)."""
+        avg = self._average_ms()
+        workers = max(1, self.cfg.max_concurrent_jobs)
+        return int(avg * (math.ceil(position / workers) + 1)) if position else int(avg)
+
+    def _average_ms(self) -> float:
+        at, value = self._avg
+        if time.monotonic() - at > 2:
+            value = self.queue.stats()["averageProcessingTime"] or 2000
+            self._avg = (time.monotonic(), value)
+        return value
+
+    def _retry_after_s(self) -> int:
+        waiting = self.cfg.max_queue_size
+        return max(1, min(60, int(self._average_ms() * waiting / max(1, self.cfg.max_concurrent_jobs) / 1000 / 4)))
+
+    def process_single(self) -> bottle.HTTPResponse:
+        self._count_request()
+        form = self._read(("image",), 1)
+        try:
+            if not form.files:
+                raise ServiceError("No file uploaded: send the image in the multipart field 'image'", "NO_FILE", 400)
+            priority, options = self._options(form.fields)
+            upload = form.files[0]
+            info = self._check(upload)
+            job = self._stage(upload, info, priority, options, None)
+            self._enqueue([job])
+        except BaseException:
+            form.discard()
+            raise
+        stored = self.queue.get(job.id)
+        position = self.queue.queue_position(stored) if stored and stored["status"] == "queued" else 0
+        LOG.info("Job queued: %s (%s, %d bytes, priority %d)", job.original_name, info.format, job.input_size,
+                 priority, extra={"job": job.id})
+        return self._json(202, {
+            "success": True, "jobId": job.id, "estimatedTime": self._estimate(position),
+            "queuePosition": position, "message": "Image processing job queued successfully",
+            "statusUrl": f"/api/job/{job.id}",
+        })
+
+    def process_batch(self) -> bottle.HTTPResponse:
+        self._count_request()
+        form = self._read(("images", "image"), self.cfg.batch_max_files)
+        staged: list[NewJob] = []
+        rejected: list[dict[str, Any]] = []
+        try:
+            if not form.files:
+                raise ServiceError("No files uploaded: send the images in the multipart field 'images'", "NO_FILE", 400)
+            priority, options = self._options(form.fields)
+            batch_id = uuid.uuid4().hex
+            first_error: ServiceError | None = None
+            for upload in form.files:
+                try:
+                    info = self._check(upload)
+                except ImageError as exc:
+                    upload.discard()
+                    self.metrics.rejected(exc.code)
+                    rejected.append({"filename": upload.filename, "error": exc.message, "code": exc.code})
+                    first_error = first_error or exc
+                    continue
+                staged.append(self._stage(upload, info, priority, options, batch_id))
+            if not staged:
+                assert first_error is not None
+                return self._error(first_error.status, "No file in the batch could be accepted",
+                                   first_error.code, rejected=rejected)
+            self._enqueue(staged)
+        except BaseException:
+            form.discard()
+            raise
+        LOG.info("Batch queued: %d jobs, %d rejected", len(staged), len(rejected), extra={"job": batch_id})
+        jobs = []
+        for i, job in enumerate(staged):
+            jobs.append({"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(i + 1),
+                         "statusUrl": f"/api/job/{job.id}"})
+        return self._json(202, {
+            "success": True, "batchId": batch_id, "jobs": jobs, "rejected": rejected,
+            "message": f"{len(staged)} image(s) queued" + (f", {len(rejected)} rejected" if rejected else ""),
+            "statusUrl": f"/api/batch/{batch_id}",
+        })
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _job_view(self, job: dict[str, Any]) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "jobId": job["id"], "status": job["status"], "priority": job["priority"],
+            "attempts": job["attempts"], "maxAttempts": job["max_attempts"], "filename": job["original_name"],
+            "createdAt": _iso(job["created_at"]), "startedAt": _iso(job["started_at"]),
+            "completedAt": _iso(job["completed_at"]),
+        }
+        if job["batch_id"]:
+            view["batchId"] = job["batch_id"]
+        if job["status"] == "queued":
+            view["queuePosition"] = self.queue.queue_position(job)
+        if job["status"] == "retrying":
+            view["nextRetryAt"] = _iso(job["run_at"])
+            view["queuePosition"] = self.queue.queue_position(job)
+        if job["error"] and job["status"] in ("failed", "retrying"):
+            view["error"] = job["error"]
+            view["errorCode"] = job["error_code"]
+        if job["result"]:
+            view["result"] = job["result"]
+        return view
+
+    def _find(self, job_id: str) -> dict[str, Any]:
+        job = self.queue.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise NotFound(f"Job {job_id[:64]} not found")
+        return job
+
+    def get_job(self, job_id: str) -> bottle.HTTPResponse:
+        return self._json(200, self._job_view(self._find(job_id)))
+
+    def cancel_job(self, job_id: str) -> bottle.HTTPResponse:
+        self._find(job_id)
+        self.queue.cancel(job_id)
+        LOG.info("Job cancelled", extra={"job": job_id})
+        return self._json(200, {"success": True, "jobId": job_id, "status": "cancelled"})
+
+    def retry_job(self, job_id: str) -> bottle.HTTPResponse:
+        self._count_request()
+        self._find(job_id)
+        self.queue.retry(job_id, self.cfg.max_queue_size)
+        wakeup.notify(self.cfg.database_path)
+        LOG.info("Job sent back to the queue by request", extra={"job": job_id})
+        return self._json(202, {"success": True, "jobId": job_id, "status": "queued"})
+
+    def get_batch(self, batch_id: str) -> bottle.HTTPResponse:
+        jobs = self.queue.batch(batch_id) if JOB_ID.fullmatch(batch_id) else []
+        if not jobs:
+            raise NotFound(f"Batch {batch_id[:64]} not found")
+        count = lambda *s: sum(j["status"] in s for j in jobs)  # noqa: E731
+        return self._json(200, {
+            "batchId": batch_id, "total": len(jobs), "queued": count("queued", "retrying"),
+            "processing": count("processing"), "completed": count("completed"), "failed": count("failed"),
+            "cancelled": count("cancelled"), "done": count("completed", "failed", "cancelled") == len(jobs),
+            "jobs": [self._job_view(j) for j in jobs],
+        })
+
+    def get_image(self, filename: str) -> Any:
+        path = self.storage.output_file(filename)
+        if path is None:
+            raise NotFound("Image not found")
+        st = path.stat()
+        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable",
+                   "Cross-Origin-Resource-Policy": "cross-origin"}
+        if etag in [t.strip() for t in bottle.request.headers.get("If-None-Match", "").split(",")]:
+            return bottle.HTTPResponse(status=304, **headers)
+        mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        headers.update({"Content-Type": mime, "Content-Length": str(st.st_size),
+                        "Last-Modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime))})
+        if bottle.request.method == "HEAD":
+            return bottle.HTTPResponse("", 200, **headers)
+        fh = open(path, "rb")
+        wrapper = bottle.request.environ.get("wsgi.file_wrapper")
+        body = wrapper(fh, 256 * 1024) if wrapper else fh
+        return bottle.HTTPResponse(body, 200, **headers)
+
+    # -- service state ------------------------------------------------------------------
+    def _supervisors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(live, all) supervisor rows; live = heartbeat within HEALTH_STALE_MS."""
+        rows = self.queue.supervisors()
+        now = time.time() * 1000
+        return [s for s in rows if now - s["heartbeat_at"] <= HEALTH_STALE_MS], rows
+
+    def get_stats(self) -> bottle.HTTPResponse:
+        stats = self.queue.stats()
+        live, _ = self._supervisors()
+        states = [s["state"] for s in live]
+        workers = {k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")}
+        paused = any(s.get("paused") for s in states)
+        stats.update({
+            "workers": workers, "paused": paused,
+            "pauseReason": next((s.get("pauseReason") for s in states if s.get("paused")), None),
+            "memory": states[0].get("memory", {}) if states else {},
+            "uptime": round(time.monotonic() - self.started, 1),
+            "supervisors": len(live),
+        })
+        return self._json(200, stats)
+
+    def get_health(self) -> bottle.HTTPResponse:
+        try:
+            live, rows = self._supervisors()
+        except Exception as exc:
+            return self._json(503, {"status": "unavailable", "reason": f"database unreachable: {type(exc).__name__}",
+                                    "database": "error"})
+        payload: dict[str, Any] = {"database": "ok", "uptime": round(time.monotonic() - self.started, 1)}
+        if not live:
+            last = max((s["heartbeat_at"] for s in rows), default=None)
+            payload.update(status="degraded", reason="no supervisor has reported in the last "
+                           f"{HEALTH_STALE_MS // 1000} s: jobs are accepted but not processed",
+                           lastHeartbeat=_iso(last))
+            return self._json(503, payload)
+        states = [s["state"] for s in live]
+        paused = any(s.get("paused") for s in states)
+        payload.update(
+            status="ok", paused=paused,
+            pauseReason=next((s.get("pauseReason") for s in states if s.get("paused")), None),
+            workers={k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")},
+            lastHeartbeat=_iso(max(s["heartbeat_at"] for s in live)),
+        )
+        return self._json(200, payload)
+
+    def get_metrics(self) -> bottle.HTTPResponse:
+        live, _ = self._supervisors()
+        text = self.metrics.render(self.queue.stats(), [s["state"] for s in live])
+        return bottle.HTTPResponse(text, 200, **{"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                                 "Cache-Control": "no-store"})
+
+    def get_openapi(self) -> bottle.HTTPResponse:
+        from .openapi import document
+
+        return self._json(200, document(self.cfg))
+
+    def get_page(self) -> Any:
+        return self.get_static("index.html")
+
+    def get_static(self, name: str) -> Any:
+        if not re.fullmatch(r"[a-z0-9_-]+\.(html|js|css)", name) or not (STATIC / name).is_file():
+            raise NotFound("Not found")
+        response = bottle.static_file(name, root=str(STATIC))
+        response.set_header("Cache-Control", "no-cache")
+        return response
+
+
+def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None = None) -> Any:
+    """A Waitress server for the API, with the per-endpoint body limits
+    enforced on the headers, before any of the body is read."""
+    from waitress.server import create_server
+
+    from .http import limited_channel
+
+    api = api or Api(cfg)
+    batch_limit = body_limit("/api/process/batch", cfg) or 0
+    server = create_server(
+        api.wsgi, host=cfg.host, port=cfg.port if port is None else port,
+        # uploads are received by waitress's I/O thread; handlers mostly wait
+        # on disk and SQLite, so a few more threads than cores keeps polls fast
+        threads=8, connection_limit=200, channel_timeout=60, cleanup_interval=15,
+        max_request_body_size=batch_limit + 1, ident="imgworker", expose_tracebacks=False,
+        clear_untrusted_proxy_headers=True,
+    )
+    server.channel_class = limited_channel(cfg)
+    server.api = api
+    return server
+
+
+def run(cfg: config_mod.Config) -> int:
+    """Entry point of ``imgworker api``: serve until SIGTERM/SIGINT, then stop
+    accepting, let in-flight requests finish (bounded) and exit 0."""
+    Storage(cfg.data_dir).ensure()
+    api = Api(cfg)
+    api.queue.migrate()
+    server = make_server(cfg, api)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # acted on by the loop below, never here
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    LOG.info("Image Processing Server running on http://%s:%s", cfg.host, server.effective_port)
+    LOG.info("Max concurrent jobs: %d", cfg.max_concurrent_jobs)
+    LOG.info("Job timeout: %dms", cfg.job_timeout_ms)
+    from waitress import wasyncore
+
+    while not stop.is_set():
+        wasyncore.loop(timeout=0.2, map=server._map, count=1)
+    LOG.info("Stopping: finishing in-flight requests")
+    server.accepting = False
+    server.del_channel()  # stop listening; existing channels keep their map entries
+    server.socket.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(server._map.values())
+    ):
+        wasyncore.loop(timeout=0.05, map=server._map, count=1)
+    server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+    api.queue.close()
+    LOG.info("API stopped")
+    return 0
