@@ -58,7 +58,8 @@ class Api:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self._avg: tuple[float, int] = (0.0, 0)
-        self.app = bottle.Bottle(catchall=False)
+        self.app = bottle.Bottle()
+        self.app.config["catchall"] = False  # our boundary handles errors; never a traceback page
         self.app.install(self._boundary)
         self._routes()
         self.wsgi = secure(self.app, cfg, self.metrics)
@@ -86,12 +87,19 @@ class Api:
     def _error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None,
                **extra: Any) -> bottle.HTTPResponse:
         body, hdrs = json_error(status, message, code, **extra)
+        hdrs.update(self._extra_headers())
         hdrs.update(headers or {})
         return bottle.HTTPResponse(body, status, **hdrs)
 
     def _json(self, status: int, payload: dict[str, Any]) -> bottle.HTTPResponse:
         return bottle.HTTPResponse(json.dumps(payload), status, **{"Content-Type": "application/json",
-                                                                   "Cache-Control": "no-store"})
+                                                                   "Cache-Control": "no-store",
+                                                                   **self._extra_headers()})
+
+    @staticmethod
+    def _extra_headers() -> dict[str, str]:
+        """Headers gathered while handling this request (RateLimit-*)."""
+        return bottle.request.environ.get("imgworker.headers", {})
 
     # -- routes -------------------------------------------------------------------------
     def _routes(self) -> None:
@@ -128,27 +136,15 @@ class Api:
 
     # -- uploads ----------------------------------------------------------------------
     def _count_request(self) -> None:
-        ip = self._client_ip()
-        allowed, headers = self.ratelimit.hit(ip)
-        for k, v in headers.items():
-            bottle.response.set_header(k, v)
+        """Count a work-creating request against the client's rate limit.
+        The client address is REMOTE_ADDR: Waitress sets it from
+        X-Forwarded-For only when TRUST_PROXY is on (see make_server)."""
+        allowed, headers = self.ratelimit.hit(bottle.request.environ.get("REMOTE_ADDR", "?"))
+        bottle.request.environ["imgworker.headers"] = headers
         if not allowed:
             self.metrics.rejected("RATE_LIMITED")
-            raise bottle.HTTPResponse(*self._rate_limited(headers))
-
-    def _rate_limited(self, headers: dict[str, str]) -> tuple[str, int]:
-        body, hdrs = json_error(429, "Too many requests from this address; try again later", "RATE_LIMITED")
-        bottle.response.set_header("Retry-After", headers["RateLimit-Reset"])
-        bottle.response.content_type = "application/json"
-        return body, 429
-
-    def _client_ip(self) -> str:
-        env = bottle.request.environ
-        if self.cfg.trust_proxy:
-            fwd = env.get("HTTP_X_FORWARDED_FOR", "")
-            if fwd:
-                return fwd.split(",")[0].strip()
-        return env.get("REMOTE_ADDR", "?")
+            raise self._error(429, "Too many requests from this address; try again later", "RATE_LIMITED",
+                              {"Retry-After": headers["RateLimit-Reset"]})
 
     def _options(self, fields: dict[str, str]) -> tuple[int, dict[str, Any]]:
         def integer(name: str, lo: int, hi: int) -> int | None:
@@ -459,6 +455,10 @@ def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None
         threads=8, connection_limit=200, channel_timeout=60, cleanup_interval=15,
         max_request_body_size=batch_limit + 1, ident="imgworker", expose_tracebacks=False,
         clear_untrusted_proxy_headers=True,
+        # Behind a proxy (TRUST_PROXY) the client is the last X-Forwarded-For
+        # hop; otherwise the header is dropped, so clients cannot spoof it.
+        **({"trusted_proxy": "*", "trusted_proxy_count": 1, "trusted_proxy_headers": {"x-forwarded-for"}}
+           if cfg.trust_proxy else {}),
     )
     server.channel_class = limited_channel(cfg)
     server.api = api

@@ -222,7 +222,7 @@ def limited_channel(cfg: config_mod.Config) -> type:
     a Content-Length over the endpoint's limit: JSON 413, body never read."""
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
-    from waitress.utilities import Error
+    from waitress.utilities import Error, RequestEntityTooLarge
 
     class TooLarge(Error):
         code, reason = 413, "Payload Too Large"
@@ -233,13 +233,21 @@ def limited_channel(cfg: config_mod.Config) -> type:
             headers = list(hdrs.items()) + security_headers("", cfg) + [("Content-Length", str(len(data)))]
             return f"{self.code} {self.reason}", headers, data
 
+    message = f"The upload is larger than the {cfg.max_file_size_mb:g} MB limit"
+
     class Parser(HTTPRequestParser):
         def parse_header(self, header_plus: bytes) -> None:
             super().parse_header(header_plus)
             limit = body_limit(self.path or "", cfg)
             if limit is not None and self.content_length > limit:
-                self.error = TooLarge(f"The upload is larger than the {cfg.max_file_size_mb:g} MB limit")
+                self.error = TooLarge(message)
                 self.completed = True
+
+        def received(self, data: bytes) -> int:
+            consumed = super().received(data)
+            if isinstance(self.error, RequestEntityTooLarge):  # waitress's own (chunked) limit: same JSON
+                self.error = TooLarge(message)
+            return consumed
 
     class Channel(HTTPChannel):
         parser_class = Parser

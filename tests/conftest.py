@@ -178,3 +178,30 @@ def service(tmp_path):
     for s in made:
         if s.proc and s.proc.poll() is None:
             s.kill_tree()
+
+
+@pytest.fixture
+def api_server(make_config):
+    """Factory: a real Waitress server for the API on 127.0.0.1 in this
+    process (no supervisor), returning (Http client, Api)."""
+    import threading
+
+    from helpers import Http
+    from imgworker.api import make_server
+
+    servers = []
+
+    def start(**overrides):
+        cfg = make_config(**overrides)
+        server = make_server(cfg, port=0)
+        server.api.queue.migrate()
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append(server)
+        return Http(f"http://127.0.0.1:{server.effective_port}"), server.api
+
+    yield start
+    for server in servers:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=2)
+        server.api.queue.close()

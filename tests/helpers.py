@@ -13,3 +13,72 @@ def image_bytes(fmt="JPEG", size=(64, 48), mode="RGB", color=(200, 30, 30), **sa
     buf = io.BytesIO()
     im.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+def multipart(fields=None, files=()):
+    """Encode a multipart/form-data body: files are (field, filename, bytes[, content type])."""
+    import uuid
+
+    boundary = "----imgworker" + uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in (fields or {}).items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for item in files:
+        field, filename, data = item[:3]
+        ctype = item[3] if len(item) > 3 else "application/octet-stream"
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                  f"Content-Type: {ctype}\r\n\r\n".encode())
+        out.write(data)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+class Http:
+    """A tiny HTTP client for tests: raw paths are sent exactly as given."""
+
+    def __init__(self, base):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname, parts.port
+        self.base = base
+
+    def request(self, method, path, body=None, headers=None):
+        import http.client
+        import json as _json
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            headers = dict(headers or {})
+            if body is not None:
+                headers.setdefault("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        resp.body = data
+        try:
+            resp.json = _json.loads(data) if data else None
+        except ValueError:
+            resp.json = None
+        return resp
+
+    def get(self, path, **headers):
+        return self.request("GET", path, headers=headers)
+
+    def upload(self, path="/api/process/single", files=(), fields=None, headers=None):
+        body, ctype = multipart(fields, files)
+        return self.request("POST", path, body, {"Content-Type": ctype, **(headers or {})})
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
