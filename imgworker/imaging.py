@@ -205,21 +205,25 @@ def fit(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_srgb(im: Image.Image) -> Image.Image:
-    """Normalise to RGB/RGBA/L in sRGB: ICC profiles applied, CMYK, 16-bit,
-    palette and transparency handled."""
-    icc = im.info.get("icc_profile")
+def _normalize_mode(im: Image.Image) -> Image.Image:
+    """RGB, RGBA, L or CMYK, ready to resize: palette, 16-bit, 1-bit,
+    grey+alpha and transparency keys handled."""
     if im.mode.startswith("I") or im.mode == "F":
         lo, hi = im.getextrema()
         if hi > 255:  # real 16-bit data: scale instead of clipping
             im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     if im.mode == "P":
-        im = im.convert("RGBA" if has_alpha else "RGB")
-    elif im.mode not in ("RGB", "RGBA", "L", "CMYK"):
-        im = im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
-    elif has_alpha and im.mode in ("RGB", "L"):
-        im = im.convert("RGBA")
+        return im.convert("RGBA" if has_alpha else "RGB")
+    if im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+        return im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
+    if has_alpha and im.mode in ("RGB", "L"):
+        return im.convert("RGBA")
+    return im
+
+
+def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """Apply the embedded ICC profile (CMYK included) into sRGB; RGB/RGBA/L out."""
     if icc:
         try:
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -227,15 +231,17 @@ def _to_srgb(im: Image.Image) -> Image.Image:
             im = ImageCms.profileToProfile(im, src, _SRGB, outputMode=out_mode)
         except Exception:  # broken or mismatched profile: fall back to a plain conversion
             pass
-    if im.mode == "CMYK":
-        im = im.convert("RGB")
-    return im
+    return im.convert("RGB") if im.mode == "CMYK" else im
 
 
 def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) -> Image.Image:
-    frame = _to_srgb(frame)
+    """Normalise, resize to ``size`` (stored orientation), colour-manage on
+    the small image, then turn upright."""
+    icc = frame.info.get("icc_profile")
+    frame = _normalize_mode(frame)
     if frame.size != size:
         frame = frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    frame = _to_srgb(frame, icc)
     if orientation in _TRANSPOSE:
         frame = frame.transpose(_TRANSPOSE[orientation])
     return frame
@@ -277,17 +283,21 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
     """Decode the frames we keep, at ``size`` (displayed orientation)."""
     oriented_box = size if probe_.orientation < 5 else (size[1], size[0])
     if not animate:
-        # draft() + reduce() inside thumbnail(): JPEG decodes at 1/2..1/8 scale.
-        im.thumbnail(oriented_box, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        if oriented_box != im.size and probe_.format == "jpeg":
+            # Decode at 1/2..1/8 scale in libjpeg, keeping at least twice the
+            # target size so that the final LANCZOS pass keeps its quality.
+            im.draft(None, (oriented_box[0] * 2, oriented_box[1] * 2))
         im.load()
-        return [_prepare_frame(im, im.size, probe_.orientation)], [], 0
+        return [_prepare_frame(im, oriented_box, probe_.orientation)], [], 0
     frames, durations = [], []
     for index, frame in enumerate(ImageSequence.Iterator(im)):
         if index >= limits.max_frames:
             raise ImageError("IMAGE_TOO_LARGE", f"The animation has more than {limits.max_frames} frames")
         frame.load()
         durations.append(int(frame.info.get("duration", 100) or 100))
-        frames.append(_prepare_frame(frame.copy(), oriented_box, probe_.orientation))
+        prepared = _prepare_frame(frame, oriented_box, probe_.orientation)
+        # the iterator reuses one image object: keep a copy only if nothing made a new one
+        frames.append(prepared.copy() if prepared is frame else prepared)
     return frames, durations, int(im.info.get("loop", 0) or 0)
 
 

@@ -1,0 +1,104 @@
+"""End to end: a real `imgworker serve` (API + supervisor + pool) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+
+import pytest
+from PIL import Image
+
+from helpers import Http, free_port, image_bytes
+from conftest import wait_for
+
+
+@pytest.fixture
+def served(service):
+    def start(**env):
+        port = free_port()
+        svc = service("serve", PORT=port, **env)
+        http = Http(f"http://127.0.0.1:{port}")
+        wait_for(lambda: _health(http) == 200, 20, interval=0.05, message="service healthy")
+        return svc, http
+
+    return start
+
+
+def _health(http):
+    try:
+        return http.get("/api/health").status
+    except OSError:
+        return None
+
+
+def poll(http, job_id, timeout=30):
+    return wait_for(lambda: (lambda j: j if j["status"] in ("completed", "failed", "cancelled") else None)(
+        http.get(f"/api/job/{job_id}").json), timeout, interval=0.05, message=f"job {job_id} finished")
+
+
+def test_single_round_trip(served):
+    svc, http = served()
+    photo = image_bytes("JPEG", (3024, 4032), quality=92)
+    r = http.upload(files=[("image", "image.jpg", photo)])
+    assert r.status == 202
+    job = poll(http, r.json["jobId"])
+    assert job["status"] == "completed" and job["attempts"] == 1 and job["completedAt"]
+    res = job["result"]
+    assert set(res) >= {"success", "processingTime", "originalFile", "processedFile", "optimization"}
+    assert res["originalFile"] == {"name": "image.jpg", "size": len(photo), "format": "jpeg",
+                                   "dimensions": {"width": 3024, "height": 4032}}
+    pf = res["processedFile"]
+    assert pf["format"] == "webp" and pf["dimensions"] == {"width": 768, "height": 1024}
+    assert set(res["optimization"]) >= {"wasResized", "formatChanged", "compressionRatio", "sizeSaved"}
+    img = http.get(pf["url"])
+    assert img.status == 200 and len(img.body) == pf["size"]
+    assert Image.open(io.BytesIO(img.body)).size == (768, 1024)
+    health = http.get("/api/health").json
+    assert health["status"] == "ok" and health["workers"]["configured"] == 3
+
+
+def test_batch_round_trip_with_rejections(served):
+    svc, http = served(MAX_CONCURRENT_JOBS=2)
+    files = [("images", f"p{i}.png", image_bytes("PNG", (1500 + i, 900))) for i in range(3)]
+    files.append(("images", "fake.jpg", b"MZ\x90\x00 not an image"))
+    r = http.upload("/api/process/batch", files=files, fields={"format": "jpeg"})
+    assert r.status == 202 and len(r.json["jobs"]) == 3 and r.json["rejected"][0]["code"] == "UNSUPPORTED_FORMAT"
+    batch_url = f"/api/batch/{r.json['batchId']}"
+    batch = wait_for(lambda: (lambda b: b if b["completed"] == 3 else None)(http.get(batch_url).json), 30,
+                     interval=0.05)
+    assert batch["total"] == 3 and batch["failed"] == 0
+    for job in batch["jobs"]:
+        out = http.get(job["result"]["processedFile"]["url"])
+        im = Image.open(io.BytesIO(out.body))
+        assert im.format == "JPEG" and im.width == 1024
+
+
+def test_corpus_bad_files_through_http(served, corpus):
+    svc, http = served()
+    pending = {}
+    for path in sorted((corpus / "bad").iterdir()):
+        r = http.upload(files=[("image", path.name, path.read_bytes())])
+        assert r.status in (202, 400, 413, 415, 422), (path.name, r.status)
+        if r.status == 202:
+            pending[path.name] = r.json["jobId"]
+        else:
+            assert r.json["code"] in ("UNSUPPORTED_FORMAT", "INVALID_IMAGE", "IMAGE_TOO_LARGE", "NO_FILE")
+    for name, job_id in pending.items():  # only a full decode finds these
+        job = poll(http, job_id, 20)
+        assert job["status"] == "failed" and job["errorCode"] in ("INVALID_IMAGE", "IMAGE_TOO_LARGE"), (name, job)
+        assert job["attempts"] == 1  # never retried
+    assert http.get("/api/health").status == 200
+    assert svc.queue.stats()["byStatus"]["processing"] == 0
+
+
+def test_sigterm_stops_everything_cleanly(served):
+    svc, http = served()
+    job_id = http.upload(files=[("image", "a.jpg", image_bytes("JPEG", (800, 600)))]).json["jobId"]
+    poll(http, job_id)
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=20) == 0
+    log = svc.log()
+    assert "API stopped" in log and "Supervisor stopped" in log
+    with pytest.raises(OSError):
+        http.get("/api/health")
