@@ -222,22 +222,24 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
         source.update(parse_dotenv(dotenv.read_text(encoding="utf-8", errors="replace")))
     source.update(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
+    raws: dict[str, str] = {}
     for name, convert, default, _doc in SETTINGS:
         raw = source.get(name)
         if raw is None or raw.strip() == "":
             raw = default
+        raws[name] = raw
         try:
             values[name] = convert(raw)
         except ValueError as exc:
             raise ConfigError(f"bad value for {name}: {raw!r} ({exc})") from None
     if values["MEMORY_RESUME_PERCENT"] > values["MEMORY_PAUSE_PERCENT"]:
         raise ConfigError(
-            f"bad value for MEMORY_RESUME_PERCENT: {values['MEMORY_RESUME_PERCENT']!r} "
+            f"bad value for MEMORY_RESUME_PERCENT: {raws['MEMORY_RESUME_PERCENT']!r} "
             f"(must not exceed MEMORY_PAUSE_PERCENT={values['MEMORY_PAUSE_PERCENT']!r})"
         )
     if values["RETRY_MAX_DELAY_MS"] < values["RETRY_BASE_DELAY_MS"]:
         raise ConfigError(
-            f"bad value for RETRY_MAX_DELAY_MS: {values['RETRY_MAX_DELAY_MS']!r} "
+            f"bad value for RETRY_MAX_DELAY_MS: {raws['RETRY_MAX_DELAY_MS']!r} "
             f"(must not be below RETRY_BASE_DELAY_MS={values['RETRY_BASE_DELAY_MS']!r})"
         )
     return Config(values)

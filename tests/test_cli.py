@@ -1,0 +1,91 @@
+"""Operator commands against a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from helpers import image_bytes
+from imgworker.queue import JobQueue, RetryPolicy
+
+
+def cli(tmp_path, *args, env=None):
+    full = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "data"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "imgworker", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env=full, timeout=60)
+
+
+def test_migrate_status_and_idempotence(tmp_path):
+    assert "pending" in cli(tmp_path, "migrate", "--status").stdout
+    first = cli(tmp_path, "migrate")
+    assert first.returncode == 0 and "applied 0001_jobs.sql" in first.stdout
+    assert "up to date" in cli(tmp_path, "migrate").stdout
+    status = cli(tmp_path, "migrate", "--status").stdout
+    assert "pending" not in status and "0001  jobs" in status
+
+
+def test_jobs_job_cancel_retry_stats(tmp_path, add_jobs):
+    cli(tmp_path, "migrate")
+    q = JobQueue(tmp_path / "data" / "imgworker.db")
+    from imgworker.queue import NewJob
+
+    upload = tmp_path / "data" / "uploads" / "u.jpg"
+    upload.write_bytes(image_bytes())
+    q.enqueue([NewJob("a" * 32, str(upload), "cat.jpg", 10), NewJob("b" * 32, str(upload), "dog.jpg", 10)], 10, 1)
+    job = q.claim("sup", 1000)
+    q.fail(job["id"], "sup", "INVALID_IMAGE", "broken", False, RetryPolicy())
+    listing = cli(tmp_path, "jobs")
+    assert listing.returncode == 0 and "cat.jpg" in listing.stdout and "INVALID_IMAGE" in listing.stdout
+    assert "STATUS" in listing.stdout.splitlines()[0]
+    as_json = json.loads(cli(tmp_path, "jobs", "--status", "failed", "--json").stdout)
+    assert [j["id"] for j in as_json] == ["a" * 32]
+    detail = cli(tmp_path, "job", "a" * 32).stdout
+    assert "INVALID_IMAGE: broken" in detail and "failed" in detail
+    assert cli(tmp_path, "job", "f" * 32).returncode == 1
+    assert cli(tmp_path, "cancel", "a" * 32).returncode == 1  # failed, not cancellable
+    assert cli(tmp_path, "cancel", "b" * 32).returncode == 0
+    assert q.get("b" * 32)["status"] == "cancelled"
+    assert cli(tmp_path, "retry", "a" * 32).returncode == 0
+    assert q.get("a" * 32)["status"] == "queued"
+    stats = json.loads(cli(tmp_path, "stats", "--json").stdout)
+    assert stats["totalJobs"] == 2 and stats["byStatus"]["cancelled"] == 1
+    assert "currentQueueSize" in cli(tmp_path, "stats").stdout
+
+
+def test_cleanup_removes_expired_jobs_and_orphans(tmp_path):
+    cli(tmp_path, "migrate")
+    data = tmp_path / "data"
+    q = JobQueue(data / "imgworker.db")
+    from imgworker.queue import NewJob
+
+    upload = data / "uploads" / ("c" * 32 + ".jpg")
+    upload.write_bytes(b"x")
+    out = data / "processed" / ("processed_" + "c" * 32 + ".webp")
+    out.write_bytes(b"y")
+    q.enqueue([NewJob("c" * 32, str(upload), "x.jpg", 1)], 10, 1)
+    job = q.claim("s", 1000)
+    q.complete(job["id"], "s", {}, str(out), now=int(time.time() * 1000) - 10_000)
+    orphan = data / "uploads" / ("d" * 32 + ".png")
+    orphan.write_bytes(b"z")
+    tmp_orphan = data / "tmp" / "upload-old"
+    tmp_orphan.write_bytes(b"z")
+    fresh_tmp = data / "tmp" / "upload-new"
+    fresh_tmp.write_bytes(b"z")
+    old = time.time() - 3600
+    for p in (orphan, tmp_orphan):
+        os.utime(p, (old, old))
+    r = cli(tmp_path, "cleanup", env={"JOB_RETENTION_MS": "5000"})
+    assert r.returncode == 0 and "removed 1 expired jobs and 4 files" in r.stdout
+    assert not upload.exists() and not out.exists() and not orphan.exists() and not tmp_orphan.exists()
+    assert fresh_tmp.exists() and q.get("c" * 32) is None
+    assert q.stats()["completedJobs"] == 1  # the total survives the cleanup
+
+
+def test_help_lists_commands(tmp_path):
+    r = cli(tmp_path, "--help")
+    for command in ("serve", "api", "worker", "migrate", "process", "jobs", "job", "retry", "cancel", "stats", "cleanup"):
+        assert command in r.stdout
+    assert cli(tmp_path, "frobnicate").returncode == 2
