@@ -189,19 +189,28 @@ def api_server(make_config):
     from helpers import Http
     from imgworker.api import make_server
 
-    servers = []
+    from waitress import wasyncore
+
+    running = []
+
+    def serve(server, stop):
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, count=1)
+        server.close()  # in the loop's own thread: no select on a closed socket
 
     def start(**overrides):
         cfg = make_config(**overrides)
         server = make_server(cfg, port=0)
         server.api.queue.migrate()
-        thread = threading.Thread(target=server.run, daemon=True)
+        stop = threading.Event()
+        thread = threading.Thread(target=serve, args=(server, stop), daemon=True)
         thread.start()
-        servers.append(server)
+        running.append((server, stop, thread))
         return Http(f"http://127.0.0.1:{server.effective_port}"), server.api
 
     yield start
-    for server in servers:
-        server.close()
+    for server, stop, thread in running:
+        stop.set()
+        thread.join(timeout=5)
         server.task_dispatcher.shutdown(timeout=2)
         server.api.queue.close()
