@@ -387,14 +387,23 @@ class Supervisor:
         w.jobs_done += 1
         w.rss_mb = int(msg.get("rssMb") or 0)
         elapsed = round((time.monotonic() - w.started) * 1000)
+        over_rss = w.rss_mb > self.cfg.worker_max_rss_mb
         if msg["ok"]:
             result = msg["result"]
-            if self.queue.complete(job["id"], self.id, result, str(self.storage.processed / result["processedFile"]["filename"])):
+            output = str(self.storage.processed / result["processedFile"]["filename"])
+            if not over_rss and not self.stopping and self.memory_allows():
+                # the common path: settle and take the next job in one commit
+                done, following = self.queue.complete_and_claim(job["id"], self.id, result, output, self.lease_ms)
+            else:
+                done, following = self.queue.complete(job["id"], self.id, result, output), None
+            if done:
                 self.counters.completed += 1
                 LOG.info("Job completed in %dms", elapsed, extra={"job": job["id"]})
+            if following is not None:
+                self.start_job(w, following)
         else:
             self.settle_failure(job, msg["code"], msg["message"], bool(msg.get("transient")))
-        if w.rss_mb > self.cfg.worker_max_rss_mb:
+        if over_rss:
             LOG.warning("Worker %d uses %d MB (limit %d MB): replacing it", w.pid, w.rss_mb, self.cfg.worker_max_rss_mb)
             self.counters.recycled += 1
             w.retire = True
