@@ -201,9 +201,9 @@ class Api:
         upload.path = final
         return NewJob(job_id, str(final), upload.filename, upload.size, info.format, priority, options, batch_id)
 
-    def _enqueue(self, jobs: list[NewJob]) -> None:
+    def _enqueue(self, jobs: list[NewJob]) -> list[int]:
         try:
-            self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts)
+            positions = self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts)
         except BaseException:
             for j in jobs:
                 try:
@@ -213,6 +213,7 @@ class Api:
             raise
         wakeup.notify(self.cfg.database_path)
         self.metrics.accepted(len(jobs), sum(j.input_size for j in jobs))
+        return positions
 
     def _estimate(self, position: int) -> int:
         """ms until done: average processing time x (rounds of the pool ahead + 1)."""
@@ -241,12 +242,10 @@ class Api:
             upload = form.files[0]
             info = self._check(upload)
             job = self._stage(upload, info, priority, options, None)
-            self._enqueue([job])
+            (position,) = self._enqueue([job])
         except BaseException:
             form.discard()
             raise
-        stored = self.queue.get(job.id)
-        position = self.queue.queue_position(stored) if stored and stored["status"] == "queued" else 0
         LOG.info("Job queued: %s (%s, %d bytes, priority %d)", job.original_name, info.format, job.input_size,
                  priority, extra={"job": job.id})
         return self._json(202, {
@@ -280,15 +279,13 @@ class Api:
                 assert first_error is not None
                 return self._error(first_error.status, "No file in the batch could be accepted",
                                    first_error.code, rejected=rejected)
-            self._enqueue(staged)
+            positions = self._enqueue(staged)
         except BaseException:
             form.discard()
             raise
         LOG.info("Batch queued: %d jobs, %d rejected", len(staged), len(rejected), extra={"job": batch_id})
-        jobs = []
-        for i, job in enumerate(staged):
-            jobs.append({"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(i + 1),
-                         "statusUrl": f"/api/job/{job.id}"})
+        jobs = [{"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(pos),
+                 "queuePosition": pos, "statusUrl": f"/api/job/{job.id}"} for job, pos in zip(staged, positions)]
         return self._json(202, {
             "success": True, "batchId": batch_id, "jobs": jobs, "rejected": rejected,
             "message": f"{len(staged)} image(s) queued" + (f", {len(rejected)} rejected" if rejected else ""),

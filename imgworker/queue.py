@@ -128,14 +128,17 @@ class JobQueue:
         self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- producing --------------------------------------------------------
-    def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int, now: int | None = None) -> None:
-        """Insert ``jobs`` as ``queued``, all or none.
+    def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int,
+                now: int | None = None) -> list[int]:
+        """Insert ``jobs`` as ``queued``, all or none; return each one's
+        1-based position in claim order.
 
         Raises QueueFull (and inserts nothing) when queued + retrying jobs
         plus these would exceed ``max_queue_size``.
         """
         jobs = list(jobs)
         now = now_ms() if now is None else now
+        positions = []
         with db.write(self.conn) as c:
             waiting = c.execute(
                 "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
@@ -144,17 +147,30 @@ class JobQueue:
                 raise QueueFull(
                     f"The queue is full ({waiting} of {max_queue_size} jobs waiting); try again later"
                 )
-            c.executemany(
-                "INSERT INTO jobs (id, batch_id, status, priority, max_attempts, run_at, created_at,"
-                " input_path, original_name, input_size, input_format, options)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
+            same_priority = len({j.priority for j in jobs}) == 1
+            for j in jobs:
+                seq = c.execute(
+                    "INSERT INTO jobs (id, batch_id, status, priority, max_attempts, run_at, created_at,"
+                    " input_path, original_name, input_size, input_format, options)"
+                    " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (j.id, j.batch_id, j.priority, max_attempts, now, now, j.input_path,
-                     j.original_name, j.input_size, j.input_format, json.dumps(j.options))
-                    for j in jobs
-                ],
-            )
+                     j.original_name, j.input_size, j.input_format, json.dumps(j.options)),
+                ).lastrowid
+                if same_priority and positions:  # each one right behind the previous
+                    positions.append(positions[-1] + 1)
+                else:
+                    positions.append(self._position(c, j.priority, seq))
             c.execute("UPDATE counters SET value = value + ? WHERE name = 'jobs_total'", (len(jobs),))
+        return positions
+
+    @staticmethod
+    def _position(c: sqlite3.Connection, priority: int, seq: int) -> int:
+        ahead = c.execute(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
+            " AND (priority > ? OR (priority = ? AND seq < ?))",
+            (priority, priority, seq),
+        ).fetchone()[0]
+        return ahead + 1
 
     # -- consuming ----------------------------------------------------------
     def claim(self, owner: str, lease_ms: int, now: int | None = None) -> dict[str, Any] | None:
@@ -325,13 +341,8 @@ class JobQueue:
         return _decode(self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def queue_position(self, job: dict[str, Any]) -> int:
-        """1-based position of a queued job in claim order (ignoring run_at)."""
-        ahead = self.conn.execute(
-            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying')"
-            " AND (priority > ? OR (priority = ? AND seq < ?))",
-            (job["priority"], job["priority"], job["seq"]),
-        ).fetchone()[0]
-        return ahead + 1
+        """1-based position of a waiting job in claim order (ignoring run_at)."""
+        return self._position(self.conn, job["priority"], job["seq"])
 
     def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Newest first, optionally of one status."""

@@ -186,3 +186,13 @@ def test_batch_and_expiry_listing(queue, add_jobs):
     assert queue.expired(older_than=500) == []
     assert queue.delete([job["id"]]) == 1
     assert queue.known_ids(ids) == set(ids[1:])
+
+
+def test_enqueue_returns_claim_positions(queue):
+    from imgworker.queue import NewJob
+
+    assert queue.enqueue([NewJob(f"a{i}", "/in", "x", 1) for i in range(3)], 100, 1) == [1, 2, 3]
+    assert queue.enqueue([NewJob("urgent", "/in", "x", 1, priority=5)], 100, 1) == [1]
+    mixed = [NewJob("low", "/in", "x", 1, priority=-1), NewJob("mid", "/in", "x", 1, priority=5)]
+    assert queue.enqueue(mixed, 100, 1) == [5, 2]  # each at the moment it was inserted
+    assert queue.queue_position(queue.get("a0")) == 3 and queue.queue_position(queue.get("low")) == 6
