@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import time
 
@@ -102,3 +103,48 @@ def test_sigterm_stops_everything_cleanly(served):
     assert "API stopped" in log and "Supervisor stopped" in log
     with pytest.raises(OSError):
         http.get("/api/health")
+
+
+def test_metrics_parse_and_move(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc, http = served()
+
+    def scrape():
+        r = http.get("/metrics")
+        assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+        samples = {}
+        for family in text_string_to_metric_families(r.body.decode()):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    before = scrape()
+    job_id = http.upload(files=[("image", "a.png", image_bytes("PNG", (300, 300)))]).json["jobId"]
+    http.upload(files=[("image", "b.png", b"not an image")])
+    poll(http, job_id)
+    after = wait_for(lambda: (lambda m: m if m[("imgworker_worker_spawned_total", ())] >= 3 else None)(scrape()), 5)
+    assert after[("imgworker_jobs_completed_total", ())] == before[("imgworker_jobs_completed_total", ())] + 1
+    assert after[("imgworker_jobs", (("status", "completed"),))] == 1
+    assert after[("imgworker_rejections_total", (("code", "UNSUPPORTED_FORMAT"),))] == 1
+    assert after[("imgworker_upload_bytes_total", ())] > 0
+    assert after[("imgworker_workers", (("state", "configured"),))] == 3
+    assert after[("imgworker_paused", ())] == 0
+    assert ("imgworker_http_request_seconds_count", ()) in after
+
+
+def test_log_level_is_honoured(served):
+    svc, http = served(LOG_LEVEL="warning")
+    job_id = http.upload(files=[("image", "a.png", image_bytes("PNG", (64, 64)))]).json["jobId"]
+    poll(http, job_id)
+    http.upload(files=[("image", "b.png", b"nope")])
+    log = svc.log()
+    assert "Job started" not in log and "Job completed" not in log and "INFO" not in log
+    assert svc.stop() == 0
+    svc.log_path.unlink()
+    svc2, http2 = served(LOG_LEVEL="info")
+    job_id = http2.upload(files=[("image", "a.png", image_bytes("PNG", (64, 64)))]).json["jobId"]
+    poll(http2, job_id)
+    wait_for(lambda: f"job={job_id} Job completed in" in svc2.log(), 5)
+    line = next(l for l in svc2.log().splitlines() if "Job completed" in l)
+    assert re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z INFO +supervisor job=[0-9a-f]{32} Job completed in \d+ms$", line)

@@ -1,0 +1,78 @@
+"""The systemd units: they verify, carry every hardening directive, and agree
+with the settings."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imgworker import config
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+COMMON = {
+    "User": "imgworker", "StateDirectory": "imgworker", "ProtectSystem": "strict", "NoNewPrivileges": "yes",
+    "PrivateTmp": "yes", "ProtectHome": "yes", "Restart": "on-failure", "KillMode": "mixed",
+    "SystemCallFilter": None, "RestrictAddressFamilies": None, "MemoryMax": None, "MemoryHigh": None,
+    "TimeoutStopSec": None, "RestartPreventExitStatus": None, "SystemCallArchitectures": "native",
+}
+
+
+def directives(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+@pytest.mark.parametrize("unit", ["imgworker-api.service", "imgworker-worker.service"])
+def test_hardening_directives_present(unit):
+    d = directives(UNITS / unit)
+    for key, want in COMMON.items():
+        assert key in d, f"{unit} lacks {key}="
+        if want is not None:
+            assert d[key][-1] == want, (unit, key, d[key])
+    assert "2" in d["RestartPreventExitStatus"][0].split()
+    assert int(d["TimeoutStopSec"][0]) * 1000 > config.load({}, dotenv=None).shutdown_timeout_ms
+    assert d["ExecStart"][0].endswith("imgworker " + ("api" if "api" in unit else "worker"))
+
+
+def test_worker_unit_specifics():
+    d = directives(UNITS / "imgworker-worker.service")
+    assert d["OOMPolicy"] == ["continue"]
+    assert d["RestrictAddressFamilies"] == ["AF_UNIX"]  # no network for the pool
+
+
+def test_no_trailing_comments():
+    for unit in UNITS.glob("*.service"):
+        for line in unit.read_text().splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                assert not re.search(r"\s[#;]", line.split("=", 1)[1]), f"{unit.name}: {line}"
+
+
+def test_env_example_is_a_valid_configuration():
+    values = config.parse_dotenv((UNITS / "imgworker.env.example").read_text())
+    cfg = config.load(values, dotenv=None)
+    assert cfg.env == "production"
+    assert cfg.memory_pause_percent < 75  # below MemoryHigh (1536M of 2G)
+    timeout_stop = int(directives(UNITS / "imgworker-worker.service")["TimeoutStopSec"][0])
+    assert cfg.shutdown_timeout_ms < timeout_stop * 1000
+
+
+def test_systemd_analyze_verify(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: .ci/deps installs it")
+    script = Path(sys.executable).with_name("imgworker")
+    assert script.exists()
+    for unit in UNITS.glob("imgworker*.*"):
+        if unit.suffix in (".service", ".target"):
+            (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/imgworker/venv/bin/imgworker", str(script)))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
