@@ -265,16 +265,19 @@ class Api:
             priority, options = self._options(form.fields)
             batch_id = uuid.uuid4().hex
             first_error: ServiceError | None = None
-            for upload in form.files:
+            indexes = []
+            for index, upload in enumerate(form.files):
                 try:
                     info = self._check(upload)
                 except ImageError as exc:
                     upload.discard()
                     self.metrics.rejected(exc.code)
-                    rejected.append({"filename": upload.filename, "error": exc.message, "code": exc.code})
+                    rejected.append({"filename": upload.filename, "error": exc.message, "code": exc.code,
+                                     "index": index})
                     first_error = first_error or exc
                     continue
                 staged.append(self._stage(upload, info, priority, options, batch_id))
+                indexes.append(index)
             if not staged:
                 assert first_error is not None
                 return self._error(first_error.status, "No file in the batch could be accepted",
@@ -285,7 +288,8 @@ class Api:
             raise
         LOG.info("Batch queued: %d jobs, %d rejected", len(staged), len(rejected), extra={"job": batch_id})
         jobs = [{"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(pos),
-                 "queuePosition": pos, "statusUrl": f"/api/job/{job.id}"} for job, pos in zip(staged, positions)]
+                 "queuePosition": pos, "statusUrl": f"/api/job/{job.id}", "index": index}
+                for job, pos, index in zip(staged, positions, indexes)]
         return self._json(202, {
             "success": True, "batchId": batch_id, "jobs": jobs, "rejected": rejected,
             "message": f"{len(staged)} image(s) queued" + (f", {len(rejected)} rejected" if rejected else ""),
