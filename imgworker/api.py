@@ -401,7 +401,8 @@ class Api:
         except Exception as exc:
             return self._json(503, {"status": "unavailable", "reason": f"database unreachable: {type(exc).__name__}",
                                     "database": "error"})
-        payload: dict[str, Any] = {"database": "ok", "uptime": round(time.monotonic() - self.started, 1)}
+        payload: dict[str, Any] = {"database": "ok", "uptime": round(time.monotonic() - self.started, 1),
+                                   "limits": self._public_limits()}
         if not live:
             last = max((s["heartbeat_at"] for s in rows), default=None)
             payload.update(status="degraded", reason="no supervisor has reported in the last "
@@ -417,6 +418,13 @@ class Api:
             lastHeartbeat=_iso(max(s["heartbeat_at"] for s in live)),
         )
         return self._json(200, payload)
+
+    def _public_limits(self) -> dict[str, Any]:
+        """What a client needs to process the same way when we are down."""
+        c = self.cfg
+        return {"maxWidth": c.max_image_width, "maxHeight": c.max_image_height, "quality": c.compression_quality,
+                "maxFileSizeMb": c.max_file_size_mb, "batchMaxFiles": c.batch_max_files,
+                "formats": list(c.supported_formats), "outputFormat": c.output_format}
 
     def get_metrics(self) -> bottle.HTTPResponse:
         live, _ = self._supervisors()
