@@ -18,7 +18,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # a test dependency (pyproject [test]); never skipped
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: .ci/deps installs it")
     with sync_api.sync_playwright() as pw:
