@@ -192,22 +192,36 @@ class Api:
 
     def _stage(self, upload: UploadedFile, info: imaging.Probe, priority: int, options: dict[str, Any],
                batch_id: str | None) -> NewJob:
-        """Move a checked upload under uploads/ with a name made from a new job id."""
+        """A job for a checked upload, named by a new job id; the file stays
+        in tmp/ until :meth:`_enqueue` moves it in the row's transaction."""
         job_id = uuid.uuid4().hex
-        final = self.storage.upload_path(job_id, info.format)
         with open(upload.path, "rb") as fh:
             os.fsync(fh.fileno())  # the job row promises the bytes are on disk
-        os.replace(upload.path, final)
-        upload.path = final
-        return NewJob(job_id, str(final), upload.filename, upload.size, info.format, priority, options, batch_id)
+        job = NewJob(job_id, str(self.storage.upload_path(job_id, info.format)), upload.filename, upload.size,
+                     info.format, priority, options, batch_id)
+        job.staged_from = upload  # type: ignore[attr-defined]
+        return job
 
     def _enqueue(self, jobs: list[NewJob]) -> list[int]:
+        """Write the rows and move the uploads into uploads/ in one
+        transaction: a crash leaves either both or neither (a temp file of a
+        dead process is swept by cleanup)."""
+        moved: list[str] = []
+
+        def move_uploads() -> None:
+            for job in jobs:
+                upload: UploadedFile = job.staged_from  # type: ignore[attr-defined]
+                os.replace(upload.path, job.input_path)
+                upload.path = Path(job.input_path)
+                moved.append(job.input_path)
+
         try:
-            positions = self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts)
+            positions = self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts,
+                                           before_commit=move_uploads)
         except BaseException:
-            for j in jobs:
+            for path in moved:  # the transaction rolled back: so do the files
                 try:
-                    os.unlink(j.input_path)
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
             raise
@@ -246,6 +260,7 @@ class Api:
         except BaseException:
             form.discard()
             raise
+        form.files.clear()  # now owned by the job
         LOG.info("Job queued: %s (%s, %d bytes, priority %d)", job.original_name, info.format, job.input_size,
                  priority, extra={"job": job.id})
         return self._json(202, {
@@ -286,6 +301,7 @@ class Api:
         except BaseException:
             form.discard()
             raise
+        form.files.clear()  # now owned by the jobs
         LOG.info("Batch queued: %d jobs, %d rejected", len(staged), len(rejected), extra={"job": batch_id})
         jobs = [{"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(pos),
                  "queuePosition": pos, "statusUrl": f"/api/job/{job.id}", "index": index}
@@ -480,6 +496,7 @@ def run(cfg: config_mod.Config) -> int:
     Storage(cfg.data_dir).ensure()
     api = Api(cfg)
     api.queue.migrate()
+    api.storage.sweep_tmp()  # uploads cut off by a crash of an earlier API process
     server = make_server(cfg, api)
     stop = threading.Event()
 

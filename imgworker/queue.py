@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import db
 from .errors import Conflict, NotFound, QueueFull
@@ -129,12 +129,15 @@ class JobQueue:
 
     # -- producing --------------------------------------------------------
     def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int,
-                now: int | None = None) -> list[int]:
+                now: int | None = None, before_commit: Callable[[], None] | None = None) -> list[int]:
         """Insert ``jobs`` as ``queued``, all or none; return each one's
         1-based position in claim order.
 
         Raises QueueFull (and inserts nothing) when queued + retrying jobs
-        plus these would exceed ``max_queue_size``.
+        plus these would exceed ``max_queue_size``. ``before_commit`` runs
+        inside the transaction after the inserts (the API moves the uploads
+        into place there, so rows and files appear together); if it raises,
+        nothing is inserted.
         """
         jobs = list(jobs)
         now = now_ms() if now is None else now
@@ -161,6 +164,8 @@ class JobQueue:
                 else:
                     positions.append(self._position(c, j.priority, seq))
             c.execute("UPDATE counters SET value = value + ? WHERE name = 'jobs_total'", (len(jobs),))
+            if before_commit is not None:
+                before_commit()
         return positions
 
     @staticmethod

@@ -24,6 +24,7 @@ from . import log
 LOG = log.get("cleanup")
 OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif)$")
 UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})\.(jpg|png|webp|gif)$")
+TMP_UPLOAD = re.compile(r"^upload-(\d+)-")
 ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
 
 
@@ -70,6 +71,7 @@ class Storage:
                     removed_files += _unlink(p)
             removed_jobs += queue.delete([j["id"] for j in expired])
         cutoff = now_ms / 1000 - ORPHAN_AGE_S
+        removed_files += self.sweep_tmp()
         for entry in _old_entries(self.tmp, cutoff):
             removed_files += _unlink(entry)
         for folder, pattern in ((self.uploads, UPLOAD_NAME), (self.processed, OUTPUT_NAME)):
@@ -91,6 +93,16 @@ class Storage:
         return {"jobs": removed_jobs, "files": removed_files}
 
 
+    def sweep_tmp(self) -> int:
+        """Delete uploads in tmp/ whose receiving process is dead (named
+        ``upload-<pid>-*``), whatever their age."""
+        count = 0
+        for entry in _old_entries(self.tmp, float("inf")):
+            match = TMP_UPLOAD.match(entry.name)
+            if match and not _pid_alive(int(match.group(1))):
+                count += _unlink(entry)
+        return count
+
     def remove_partial_outputs(self) -> int:
         """Delete half-written outputs (``.tmp-*`` in processed/). Only safe
         when no supervisor is running jobs on this storage."""
@@ -99,6 +111,16 @@ class Storage:
             if entry.name.startswith(".tmp-"):
                 count += _unlink(entry)
         return count
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _old_entries(folder: Path, cutoff: float) -> list[Path]:

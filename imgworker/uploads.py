@@ -114,7 +114,8 @@ def read_form(environ: dict, tmp_dir: Path, file_fields: tuple[str, ...], max_fi
                         if event.filename is not None and event.name in file_fields:
                             if len(form.files) >= max_files:
                                 raise InvalidParameter(f"Too many files: at most {max_files} per request")
-                            fd, tmp = tempfile.mkstemp(prefix="upload-", dir=tmp_dir)
+                            # the pid in the name lets cleanup sweep files of dead processes at once
+                            fd, tmp = tempfile.mkstemp(prefix=f"upload-{os.getpid()}-", dir=tmp_dir)
                             sink = os.fdopen(fd, "wb")
                             current = UploadedFile(event.name, display_name(event.filename), Path(tmp))
                             form.files.append(current)

@@ -89,3 +89,17 @@ def test_help_lists_commands(tmp_path):
     for command in ("serve", "api", "worker", "migrate", "process", "jobs", "job", "retry", "cancel", "stats", "cleanup"):
         assert command in r.stdout
     assert cli(tmp_path, "frobnicate").returncode == 2
+
+
+def test_cleanup_sweeps_uploads_of_dead_processes_at_once(tmp_path):
+    from imgworker.storage import Storage
+
+    storage = Storage(tmp_path / "data")
+    storage.ensure()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = storage.tmp / f"upload-{dead.stdout.strip()}-abc"
+    mine = storage.tmp / f"upload-{os.getpid()}-def"
+    orphan.write_bytes(b"half an upload")
+    mine.write_bytes(b"in flight")
+    assert storage.sweep_tmp() == 1
+    assert not orphan.exists() and mine.exists()
