@@ -496,7 +496,7 @@ def run(cfg: config_mod.Config) -> int:
     Storage(cfg.data_dir).ensure()
     api = Api(cfg)
     api.queue.migrate()
-    api.storage.sweep_tmp()  # uploads cut off by a crash of an earlier API process
+    api.storage.sweep_dead(api.queue)  # uploads cut off by a crash of an earlier API process
     server = make_server(cfg, api)
     stop = threading.Event()
 

@@ -23,7 +23,7 @@ from . import log
 
 LOG = log.get("cleanup")
 OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif)$")
-UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})\.(jpg|png|webp|gif)$")
+UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)\.(jpg|png|webp|gif)$")
 TMP_UPLOAD = re.compile(r"^upload-(\d+)-")
 ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
 
@@ -40,7 +40,10 @@ class Storage:
             d.mkdir(parents=True, exist_ok=True)
 
     def upload_path(self, job_id: str, fmt: str) -> Path:
-        return self.uploads / f"{job_id}.{'jpg' if fmt == 'jpeg' else fmt}"
+        """``uploads/<jobId>-<pid>.<ext>``: the pid of the API process that
+        writes the row lets cleanup tell at once an upload whose row never
+        committed (its process died) from one still being committed."""
+        return self.uploads / f"{job_id}-{os.getpid()}.{'jpg' if fmt == 'jpeg' else fmt}"
 
     def output_file(self, filename: str) -> Path | None:
         """The processed file named ``filename`` if it is one the service
@@ -71,7 +74,7 @@ class Storage:
                     removed_files += _unlink(p)
             removed_jobs += queue.delete([j["id"] for j in expired])
         cutoff = now_ms / 1000 - ORPHAN_AGE_S
-        removed_files += self.sweep_tmp()
+        removed_files += self.sweep_dead(queue)
         for entry in _old_entries(self.tmp, cutoff):
             removed_files += _unlink(entry)
         for folder, pattern in ((self.uploads, UPLOAD_NAME), (self.processed, OUTPUT_NAME)):
@@ -93,14 +96,23 @@ class Storage:
         return {"jobs": removed_jobs, "files": removed_files}
 
 
-    def sweep_tmp(self) -> int:
-        """Delete uploads in tmp/ whose receiving process is dead (named
-        ``upload-<pid>-*``), whatever their age."""
+    def sweep_dead(self, queue: Any) -> int:
+        """Delete, whatever their age, files left by processes that died
+        mid-upload: temp uploads (``upload-<pid>-*``) and uploads without a
+        job row (``<jobId>-<pid>.<ext>``) whose writing process is gone."""
         count = 0
         for entry in _old_entries(self.tmp, float("inf")):
             match = TMP_UPLOAD.match(entry.name)
             if match and not _pid_alive(int(match.group(1))):
                 count += _unlink(entry)
+        candidates = {}
+        for entry in _old_entries(self.uploads, float("inf")):
+            match = UPLOAD_NAME.match(entry.name)
+            if match and not _pid_alive(int(match.group(2))):
+                candidates[match.group(1)] = entry
+        if candidates:
+            known = queue.known_ids(candidates)
+            count += sum(_unlink(p) for job_id, p in candidates.items() if job_id not in known)
         return count
 
     def remove_partial_outputs(self) -> int:

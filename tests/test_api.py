@@ -41,7 +41,7 @@ def test_single_upload_shape_and_job_view(api_server):
     assert job["attempts"] == 0 and job["createdAt"].endswith("Z") and job["startedAt"] is None
     stored = api.queue.get(body["jobId"])
     assert stored["options"] == {"format": "jpeg", "quality": 70}
-    assert os.path.basename(stored["input_path"]) == f"{body['jobId']}.jpg"  # never the client's name
+    assert os.path.basename(stored["input_path"]) == f"{body['jobId']}-{os.getpid()}.jpg"  # never the client's name
     assert os.listdir(api.storage.tmp) == []
 
 

@@ -61,14 +61,14 @@ def test_cleanup_removes_expired_jobs_and_orphans(tmp_path):
     q = JobQueue(data / "imgworker.db")
     from imgworker.queue import NewJob
 
-    upload = data / "uploads" / ("c" * 32 + ".jpg")
+    upload = data / "uploads" / ("c" * 32 + "-1.jpg")
     upload.write_bytes(b"x")
     out = data / "processed" / ("processed_" + "c" * 32 + ".webp")
     out.write_bytes(b"y")
     q.enqueue([NewJob("c" * 32, str(upload), "x.jpg", 1)], 10, 1)
     job = q.claim("s", 1000)
     q.complete(job["id"], "s", {}, str(out), now=int(time.time() * 1000) - 10_000)
-    orphan = data / "uploads" / ("d" * 32 + ".png")
+    orphan = data / "uploads" / ("d" * 32 + f"-{os.getpid()}.png")
     orphan.write_bytes(b"z")
     tmp_orphan = data / "tmp" / "upload-old"
     tmp_orphan.write_bytes(b"z")
@@ -96,10 +96,20 @@ def test_cleanup_sweeps_uploads_of_dead_processes_at_once(tmp_path):
 
     storage = Storage(tmp_path / "data")
     storage.ensure()
+    q = JobQueue(tmp_path / "data" / "imgworker.db")
+    q.migrate()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = storage.tmp / f"upload-{dead.stdout.strip()}-abc"
+    dead_pid = dead.stdout.strip()
+    orphan = storage.tmp / f"upload-{dead_pid}-abc"
     mine = storage.tmp / f"upload-{os.getpid()}-def"
-    orphan.write_bytes(b"half an upload")
-    mine.write_bytes(b"in flight")
-    assert storage.sweep_tmp() == 1
-    assert not orphan.exists() and mine.exists()
+    no_row = storage.uploads / f"{'e' * 32}-{dead_pid}.jpg"      # its transaction never committed
+    committed = storage.uploads / f"{'f' * 32}-{dead_pid}.jpg"   # its row is there
+    in_flight = storage.uploads / f"{'a' * 32}-{os.getpid()}.jpg"  # a live process may still commit it
+    from imgworker.queue import NewJob
+
+    q.enqueue([NewJob("f" * 32, str(committed), "x.jpg", 1)], 10, 1)
+    for p in (orphan, mine, no_row, committed, in_flight):
+        p.write_bytes(b"bytes")
+    assert storage.sweep_dead(q) == 2
+    assert not orphan.exists() and not no_row.exists()
+    assert mine.exists() and committed.exists() and in_flight.exists()
