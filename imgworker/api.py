@@ -243,8 +243,9 @@ class Api:
         return value
 
     def _retry_after_s(self) -> int:
-        waiting = self.cfg.max_queue_size
-        return max(1, min(60, int(self._average_ms() * waiting / max(1, self.cfg.max_concurrent_jobs) / 1000 / 4)))
+        """Seconds until a queue slot is likely free: one job's time on the pool."""
+        per_slot = self._average_ms() / max(1, self.cfg.max_concurrent_jobs) / 1000
+        return max(1, min(60, math.ceil(per_slot)))
 
     def process_single(self) -> bottle.HTTPResponse:
         self._count_request()

@@ -24,7 +24,6 @@ Contract:
 
 from __future__ import annotations
 
-import errno
 import os
 import selectors
 import signal
@@ -35,6 +34,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from . import config as config_mod
 from . import log, wakeup
@@ -537,8 +538,6 @@ def _is_dead(sup: dict[str, Any]) -> bool:
     alive (or is another process now), or silent for DEAD_AFTER_MS."""
     if sup["hostname"] == socket.gethostname():
         try:
-            import psutil
-
             proc = psutil.Process(sup["pid"])
             return abs(proc.create_time() * 1000 - sup["started_at"]) > 5000 or proc.status() == psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image, ImageChops, ImageStat
+from PIL import Image, ImageChops
 
 from imgworker.errors import ImageError
 from imgworker.imaging import Limits, fit, probe, process, sniff

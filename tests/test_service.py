@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import signal
-import time
 
 import pytest
 from PIL import Image
