@@ -91,9 +91,10 @@ class Service:
         out = {}
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             cmd = " ".join(child.cmdline())
-            name = "worker-process" if "imgworker.worker" in cmd else cmd.rsplit(" ", 1)[-1]
-            key = name if name not in out else f"{name}-{child.pid}"
-            out[key if "worker-process" not in key else f"worker-{child.pid}"] = child.pid
+            if "imgworker.worker" in cmd:
+                out[f"pool worker {child.pid}"] = child.pid
+            else:
+                out["supervisor" if cmd.endswith(" worker") else cmd.rsplit(" ", 1)[-1]] = child.pid
         return out
 
     def stop(self) -> None:
