@@ -191,7 +191,7 @@ class Api:
         return imaging.probe(upload.path, self.limits)
 
     def _stage(self, upload: UploadedFile, info: imaging.Probe, priority: int, options: dict[str, Any],
-               batch_id: str | None) -> NewJob:
+               batch_id: str | None) -> tuple[NewJob, UploadedFile]:
         """A job for a checked upload, named by a new job id; the file stays
         in tmp/ until :meth:`_enqueue` moves it in the row's transaction."""
         job_id = uuid.uuid4().hex
@@ -199,18 +199,17 @@ class Api:
             os.fsync(fh.fileno())  # the job row promises the bytes are on disk
         job = NewJob(job_id, str(self.storage.upload_path(job_id, info.format)), upload.filename, upload.size,
                      info.format, priority, options, batch_id)
-        job.staged_from = upload  # type: ignore[attr-defined]
-        return job
+        return job, upload
 
-    def _enqueue(self, jobs: list[NewJob]) -> list[int]:
+    def _enqueue(self, staged: list[tuple[NewJob, UploadedFile]]) -> list[int]:
         """Write the rows and move the uploads into uploads/ in one
         transaction: a crash leaves either both or neither (a temp file of a
         dead process is swept by cleanup)."""
+        jobs = [job for job, _ in staged]
         moved: list[str] = []
 
         def move_uploads() -> None:
-            for job in jobs:
-                upload: UploadedFile = job.staged_from  # type: ignore[attr-defined]
+            for job, upload in staged:
                 os.replace(upload.path, job.input_path)
                 upload.path = Path(job.input_path)
                 moved.append(job.input_path)
@@ -256,8 +255,9 @@ class Api:
             priority, options = self._options(form.fields)
             upload = form.files[0]
             info = self._check(upload)
-            job = self._stage(upload, info, priority, options, None)
-            (position,) = self._enqueue([job])
+            staged = self._stage(upload, info, priority, options, None)
+            (position,) = self._enqueue([staged])
+            job = staged[0]
         except BaseException:
             form.discard()
             raise
@@ -273,7 +273,7 @@ class Api:
     def process_batch(self) -> bottle.HTTPResponse:
         self._count_request()
         form = self._read(("images", "image"), self.cfg.batch_max_files)
-        staged: list[NewJob] = []
+        staged: list[tuple[NewJob, UploadedFile]] = []
         rejected: list[dict[str, Any]] = []
         try:
             if not form.files:
@@ -306,7 +306,7 @@ class Api:
         LOG.info("Batch queued: %d jobs, %d rejected", len(staged), len(rejected), extra={"job": batch_id})
         jobs = [{"jobId": job.id, "filename": job.original_name, "estimatedTime": self._estimate(pos),
                  "queuePosition": pos, "statusUrl": f"/api/job/{job.id}", "index": index}
-                for job, pos, index in zip(staged, positions, indexes)]
+                for (job, _), pos, index in zip(staged, positions, indexes, strict=True)]
         return self._json(202, {
             "success": True, "batchId": batch_id, "jobs": jobs, "rejected": rejected,
             "message": f"{len(staged)} image(s) queued" + (f", {len(rejected)} rejected" if rejected else ""),

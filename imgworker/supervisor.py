@@ -51,6 +51,7 @@ POLL_S = 0.25          # claim poll when no wake-up arrives (other hosts, lost d
 KILL_GRACE_S = 0.2     # between SIGTERM and SIGKILL of a timed-out worker
 LEASE_GRACE_MS = 10_000
 DEAD_AFTER_MS = 60_000  # a supervisor on another host silent this long is dead
+BOOT_BACKOFF_S = 1      # pause before replacing workers that die while starting
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
@@ -111,7 +112,7 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.next_heartbeat = 0.0
         self.next_cleanup = 0.0
-        self.next_claim_poll = 0.0
+        self.respawn_after = 0.0
         self._apply(cfg)
 
     def _apply(self, cfg: config_mod.Config) -> None:
@@ -173,7 +174,9 @@ class Supervisor:
             # SIGCHLD only wakes the loop; reap_workers runs next
 
     def handle_term(self, sig: int) -> None:
-        if self.stopping:
+        if self.stopping:  # a second signal: stop now, running jobs go back to the queue
+            LOG.info("Received %s again: stopping now", signal.Signals(sig).name)
+            self.stop_deadline = time.monotonic()
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.cfg.shutdown_timeout_ms / 1000
@@ -244,6 +247,8 @@ class Supervisor:
 
     # -- the pool -----------------------------------------------------------------------
     def spawn_workers(self) -> None:
+        if time.monotonic() < self.respawn_after:
+            return  # workers are dying before they start: do not spin
         for slot in range(self.cfg.max_concurrent_jobs):
             if slot not in self.workers:
                 self.spawn_worker(slot)
@@ -287,6 +292,9 @@ class Supervisor:
                 why = f"killed by {sig}" + (": perhaps out of memory?" if sig == "SIGKILL" and not w.doomed else "")
             else:
                 why = f"exited with code {os.WEXITSTATUS(status)}"
+            if not w.ready and not w.doomed and not self.stopping:
+                self.respawn_after = time.monotonic() + BOOT_BACKOFF_S
+                LOG.error("Worker %d %s before it was ready: retrying in %ds", pid, why, BOOT_BACKOFF_S)
             if w.doomed:
                 LOG.debug("Worker %d stopped (%s)", pid, w.doomed)
             elif not self.stopping:
@@ -522,6 +530,8 @@ class Supervisor:
     def _next_wakeup(self) -> float:
         now = time.monotonic()
         deadlines = [self.next_heartbeat, now + POLL_S]
+        if self.respawn_after > now:
+            deadlines.append(self.respawn_after)
         timeout_s = self.cfg.job_timeout_ms / 1000
         for w in self.workers.values():
             if w.busy:
@@ -530,6 +540,10 @@ class Supervisor:
                 deadlines.append(w.kill_at)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        elif any(w.ready and not w.busy for w in self.workers.values()) and not self.paused:
+            run_at = self.queue.next_run_at()  # a delayed retry starts on time, not at the next poll
+            if run_at is not None:
+                deadlines.append(now + max(0.0, run_at / 1000 - time.time()))
         return max(0.0, min(deadlines) - now)
 
 

@@ -66,14 +66,16 @@ def alive(pid):
 
 
 def test_worker_killed_mid_job_is_reaped_replaced_and_job_retried(service):
-    svc = service(MAX_CONCURRENT_JOBS=1, RETRY_BASE_DELAY_MS=100)
+    svc = service(MAX_CONCURRENT_JOBS=1, RETRY_BASE_DELAY_MS=1000)
     pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
     job_id = svc.submit(PHOTO, _testSleepMs=800)
     wait_for(lambda: status(svc, job_id) == "processing", 5)
     os.kill(pool[0]["pid"], signal.SIGKILL)
     wait_for(lambda: svc.queue.get(job_id)["error_code"] == "WORKER_CRASHED", 5, message="crash recorded")
     wait_for(lambda: status(svc, job_id) == "completed", 15)
-    assert svc.queue.get(job_id)["attempts"] == 2
+    job = svc.queue.get(job_id)
+    assert job["attempts"] == 2
+    assert 0 <= job["started_at"] - job["run_at"] < 100  # the retry started on time, not at the next poll
     assert "SIGKILL: perhaps out of memory?" in svc.log()
     new_pids = {w["pid"] for w in svc.state()["pool"]}
     assert pool[0]["pid"] not in new_pids
