@@ -376,11 +376,11 @@ def cli(cfg: Any, args: Any) -> int:
     for r in results:
         if args.json:
             print(json.dumps(r.to_json()))
-        elif r.ok:
+        else:  # the original client's wording: "Processing x.jpg on server..."
             where = "on server" if r.source == "server" else f"on client ({r.fallback_reason})"
-            print(f"{Path(r.path).name}: processed {where} -> {r.output} (saved {r.size_saved} bytes)")
-        else:
-            print(f"{Path(r.path).name}: failed: {r.error} ({r.code})")
+            outcome = (f"done -> {r.output} (saved {r.size_saved} bytes)" if r.ok
+                       else f"failed: {r.error} ({r.code})")
+            print(f"Processing {Path(r.path).name} {where}... {outcome}")
     if not args.json:
         print(f"{len(processed)} processed, {len(results) - len(processed)} failed, "
               f"{sum(r.size_saved for r in processed)} bytes saved")

@@ -119,8 +119,8 @@ def test_cli_folder_of_mixed_files(server, tmp_path):
     out = tmp_path / "out"
     r = run_cli(tmp_path, str(folder), "--server", client.server_url, "--out", str(out), "--format", "jpeg")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "good1.jpg: processed on server" in r.stdout and "good2.png: processed on server" in r.stdout
-    assert "broken.png: failed" in r.stdout and "INVALID_IMAGE" in r.stdout
+    assert "Processing good1.jpg on server... done" in r.stdout and "Processing good2.png on server... done" in r.stdout
+    assert "Processing broken.png on server... failed" in r.stdout and "INVALID_IMAGE" in r.stdout
     assert "2 processed, 1 failed" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["good1.jpg", "good2.jpg"]
     # again: nothing is overwritten silently, and --json gives one object per file
@@ -135,8 +135,8 @@ def test_cli_local_and_dead_server(tmp_path):
     write(tmp_path, "a.png", image_bytes("PNG", (100, 100)))
     r = run_cli(tmp_path, str(tmp_path / "in"), "--server", f"http://127.0.0.1:{free_port()}", "--out",
                 str(tmp_path / "out"))
-    assert r.returncode == 0 and "processed on client (server unavailable)" in r.stdout
+    assert r.returncode == 0 and "Processing a.png on client (server unavailable)... done" in r.stdout
     r = run_cli(tmp_path, str(tmp_path / "in" / "a.png"), "--local", "--out", str(tmp_path / "out"))
-    assert r.returncode == 0 and "on client (requested)" in r.stdout
+    assert r.returncode == 0 and "Processing a.png on client (requested)... done" in r.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-1.webp", "a.webp"]
     assert run_cli(tmp_path, str(tmp_path / "missing.jpg"), "--local").returncode == 1
