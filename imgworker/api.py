@@ -31,7 +31,7 @@ from . import imaging, log, wakeup
 from .errors import ImageError, InvalidParameter, NotFound, ServiceError
 from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, secure
 from .queue import JobQueue, NewJob
-from .storage import Storage
+from .storage import Storage, fsync_dir
 from .uploads import Form, UploadedFile, read_form
 
 LOG = log.get("api")
@@ -213,6 +213,7 @@ class Api:
                 os.replace(upload.path, job.input_path)
                 upload.path = Path(job.input_path)
                 moved.append(job.input_path)
+            fsync_dir(self.storage.uploads)  # the renames survive a power cut, like the rows
 
         try:
             positions = self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts,

@@ -103,26 +103,38 @@ def cmd_api(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """Run ``imgworker api`` and ``imgworker worker`` as two children, the way
-    the systemd units do, and stop both when either stops or on SIGTERM/SIGINT."""
+    the systemd units do. A child that dies is restarted (after a second, so
+    a crash loop does not spin); a configuration error (exit 2) or
+    SIGTERM/SIGINT stops both."""
     _queue(cfg).close()  # data dirs + migrations, once, before either half starts
     me = log.get("serve")
-    children = {
-        name: subprocess.Popen([sys.executable, "-m", "imgworker", name]) for name in ("worker", "api")
-    }
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "imgworker", name])
+
+    children = {name: start(name) for name in ("worker", "api")}
+    restart_at: dict[str, float] = {}
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(s))
     code = EXIT_OK
     while not stop:
-        exited = [n for n, p in children.items() if p.poll() is not None]
-        if exited:
-            name = exited[0]
-            code = children[name].returncode
-            me.error("The %s process exited with code %s; stopping", name, code)
-            code = code if code in (EXIT_USAGE,) else EXIT_FAIL
-            break
+        for name, proc in children.items():
+            if proc.poll() is None or name in restart_at:
+                continue
+            if proc.returncode == EXIT_USAGE:
+                me.error("The %s process refused its configuration (exit 2); stopping", name)
+                stop.append(signal.SIGTERM)
+                code = EXIT_USAGE
+                break
+            me.error("The %s process exited with code %s; restarting it", name, proc.returncode)
+            restart_at[name] = time.monotonic() + 1
+        for name, when in list(restart_at.items()):
+            if time.monotonic() >= when:
+                children[name] = start(name)
+                del restart_at[name]
         time.sleep(0.1)
-    sig = stop[0] if stop else signal.SIGTERM
+    sig = stop[0]
     for p in children.values():
         if p.poll() is None:
             try:
@@ -137,7 +149,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             me.error("The %s process did not stop in time: killing it", name)
             p.kill()
             p.wait()
-        if stop and p.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+        if code == EXIT_OK and p.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
             code = EXIT_FAIL
     return code
 

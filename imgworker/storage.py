@@ -125,6 +125,15 @@ class Storage:
         return count
 
 
+def fsync_dir(path: Path) -> None:
+    """Make renames into ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

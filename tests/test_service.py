@@ -147,3 +147,22 @@ def test_log_level_is_honoured(served):
     wait_for(lambda: f"job={job_id} Job completed in" in svc2.log(), 5)
     line = next(l for l in svc2.log().splitlines() if "Job completed" in l)
     assert re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z INFO +supervisor job=[0-9a-f]{32} Job completed in \d+ms$", line)
+
+
+def test_serve_restarts_a_dead_half(served):
+    import psutil
+
+    svc, http = served()
+    children = {" ".join(p.cmdline()).rsplit(" ", 1)[-1]: p for p in psutil.Process(svc.proc.pid).children()}
+    children["api"].kill()
+    wait_for(lambda: not _health(http), 5, message="API down")
+    wait_for(lambda: _health(http) == 200, 20, interval=0.1, message="API restarted")
+    job_id = http.upload(files=[("image", "a.png", image_bytes("PNG", (64, 64)))]).json["jobId"]
+    assert poll(http, job_id)["status"] == "completed"
+    assert "The api process exited with code -9; restarting it" in svc.log()
+
+
+def test_serve_stops_on_configuration_error(service):
+    svc = service("serve", PORT=free_port(), MAX_QUEUE_SIZE="lots")
+    assert svc.proc.wait(timeout=20) == 2
+    assert "MAX_QUEUE_SIZE" in svc.log()
