@@ -60,6 +60,11 @@ def connect(path: Path | str, durable: bool = True) -> sqlite3.Connection:
     if mode.lower() != "wal":
         raise DatabaseError(f"could not switch {path} to WAL mode (got {mode})")
     conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+    if durable:
+        # Checkpoints (which fsync the database file) happen in the
+        # supervisor's connection, off the request path: an upload's commit
+        # never waits for one.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
     # Reads through mmap and a bigger page cache: the claim path re-reads
     # the same few index and table pages thousands of times a second.
     conn.execute("PRAGMA mmap_size = 268435456")
