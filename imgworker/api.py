@@ -36,6 +36,7 @@ from .uploads import Form, UploadedFile, read_form
 
 LOG = log.get("api")
 HEALTH_STALE_MS = 5000
+DRAIN_S = 10  # on SIGTERM, in-flight requests get this long to finish
 STATIC = Path(__file__).resolve().parent / "static"
 
 
@@ -518,10 +519,15 @@ def run(cfg: config_mod.Config) -> int:
     server.accepting = False
     server.del_channel()  # stop listening; existing channels keep their map entries
     server.socket.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-        getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(server._map.values())
-    ):
+    deadline = time.monotonic() + DRAIN_S
+
+    def busy(ch: Any) -> bool:
+        # a request being received (`request`), queued or running (`requests`),
+        # or an answer not yet sent; idle keep-alive connections do not count
+        return bool(getattr(ch, "request", None) or getattr(ch, "requests", None)
+                    or getattr(ch, "total_outbufs_len", 0))
+
+    while time.monotonic() < deadline and any(busy(ch) for ch in list(server._map.values())):
         wasyncore.loop(timeout=0.05, map=server._map, count=1)
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
     api.queue.close()

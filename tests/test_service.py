@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import signal
+import time
 
 import pytest
 from PIL import Image
@@ -166,3 +167,30 @@ def test_serve_stops_on_configuration_error(service):
     svc = service("serve", PORT=free_port(), MAX_QUEUE_SIZE="lots")
     assert svc.proc.wait(timeout=20) == 2
     assert "MAX_QUEUE_SIZE" in svc.log()
+
+
+def test_api_sigterm_finishes_the_upload_in_flight(service):
+    import socket as _socket
+
+    from helpers import multipart
+
+    port = free_port()
+    svc = service("api", PORT=port)
+    http = Http(f"http://127.0.0.1:{port}")
+    wait_for(lambda: _health(http) is not None, 20, interval=0.05, message="API listening")
+    body, ctype = multipart(files=[("image", "a.jpg", image_bytes("JPEG", (400, 300)))])
+    with _socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /api/process/single HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:1000])
+        time.sleep(0.3)  # the request is in flight when the signal arrives
+        svc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        s.sendall(body[1000:])
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 202"), reply[:300]
+    assert svc.proc.wait(timeout=15) == 0
+    assert svc.queue.stats()["totalJobs"] == 1
+    with pytest.raises(OSError):
+        http.get("/api/health")  # no longer listening
