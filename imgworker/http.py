@@ -210,6 +210,30 @@ class Metrics:
         for key, help_ in (("timeouts", "Workers killed on job timeout."), ("crashes", "Workers that died mid-job."),
                            ("recycled", "Workers replaced for memory."), ("spawned", "Worker processes started.")):
             metric(f"worker_{key}_total", "counter", f"{help_} (since supervisor start)", [("", counters[key])])
+        by_code: Counter = Counter()
+        # the bucket bounds come with the supervisors' state (the API never imports the supervisor)
+        bounds = next((s["counters"]["processing_bounds_ms"] for s in states
+                       if s.get("counters", {}).get("processing_bounds_ms")), [])
+        buckets = [0] * (len(bounds) + 1)
+        for s in states:
+            c = s.get("counters", {})
+            by_code.update(c.get("failed_by_code", {}))
+            if c.get("processing_bounds_ms") == bounds:
+                for i, n in enumerate(c.get("processing_buckets", [])):
+                    buckets[i] += n
+        metric("jobs_failed_by_code_total", "counter", "Jobs failed for good, by code (since supervisor start).",
+               [(f'{{code="{code}"}}', n) for code, n in sorted(by_code.items())])
+        metric("processed_input_bytes_total", "counter", "Input bytes of completed jobs (since supervisor start).",
+               [("", counters["bytes_in"])])
+        metric("processed_output_bytes_total", "counter", "Output bytes written (since supervisor start).",
+               [("", counters["bytes_out"])])
+        out.append("# HELP imgworker_processing_seconds Processing time of completed jobs (since supervisor start).")
+        out.append("# TYPE imgworker_processing_seconds histogram")
+        for bound, n in zip(bounds, buckets, strict=False):
+            out.append(f'imgworker_processing_seconds_bucket{{le="{bound / 1000:g}"}} {n}')
+        out.append(f'imgworker_processing_seconds_bucket{{le="+Inf"}} {buckets[-1]}')
+        out.append(f"imgworker_processing_seconds_sum {counters['processing_ms_sum'] / 1000:.3f}")
+        out.append(f"imgworker_processing_seconds_count {buckets[-1]}")
         rss = [(f'{{slot="{w["slot"]}"}}', w.get("rssMb", 0) * 2**20) for s in states for w in s.get("pool", [])]
         metric("worker_rss_bytes", "gauge", "Resident memory of each worker after its last job.", rss)
         mem = [s.get("memory", {}).get("percent") for s in states if s.get("memory")]

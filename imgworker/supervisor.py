@@ -52,6 +52,7 @@ KILL_GRACE_S = 0.2     # between SIGTERM and SIGKILL of a timed-out worker
 LEASE_GRACE_MS = 10_000
 DEAD_AFTER_MS = 60_000  # a supervisor on another host silent this long is dead
 BOOT_BACKOFF_S = 1      # pause before replacing workers that die while starting
+PROCESSING_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
@@ -89,6 +90,23 @@ class Counters:
     recycled: int = 0
     spawned: int = 0
     failed_by_code: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0               # input bytes of completed jobs
+    bytes_out: int = 0              # output bytes they produced
+    # processing time (claim to result, ms) of completed jobs, cumulative
+    # per bucket bound of PROCESSING_BUCKETS_MS plus +Inf, as Prometheus wants
+    processing_bounds_ms: tuple[int, ...] = PROCESSING_BUCKETS_MS
+    processing_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROCESSING_BUCKETS_MS) + 1))
+    processing_ms_sum: int = 0
+
+    def observe(self, elapsed_ms: int, result: dict[str, Any]) -> None:
+        self.completed += 1
+        self.bytes_in += int(result["originalFile"]["size"])
+        self.bytes_out += int(result["processedFile"]["size"])
+        self.processing_ms_sum += elapsed_ms
+        for i, bound in enumerate(PROCESSING_BUCKETS_MS):
+            if elapsed_ms <= bound:
+                self.processing_buckets[i] += 1
+        self.processing_buckets[-1] += 1
 
 
 class Supervisor:
@@ -406,7 +424,7 @@ class Supervisor:
             else:
                 done, following = self.queue.complete(job["id"], self.id, result, output), None
             if done:
-                self.counters.completed += 1
+                self.counters.observe(elapsed, result)
                 LOG.info("Job completed in %dms", elapsed, extra={"job": job["id"]})
             if following is not None:
                 self.start_job(w, following)

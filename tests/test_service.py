@@ -122,15 +122,24 @@ def test_metrics_parse_and_move(served):
     before = scrape()
     job_id = http.upload(files=[("image", "a.png", image_bytes("PNG", (300, 300)))]).json["jobId"]
     http.upload(files=[("image", "b.png", b"not an image")])
+    cut = http.upload(files=[("image", "cut.jpg", image_bytes("JPEG", (900, 900))[:2000])]).json["jobId"]
     poll(http, job_id)
-    after = wait_for(lambda: (lambda m: m if m[("imgworker_worker_spawned_total", ())] >= 3 else None)(scrape()), 5)
+    assert poll(http, cut)["errorCode"] == "INVALID_IMAGE"  # the header passed; the decode did not
+    after = wait_for(lambda: (lambda m: m if m.get(("imgworker_processing_seconds_count", ())) == 1
+                              and m.get(("imgworker_jobs_failed_by_code_total", (("code", "INVALID_IMAGE"),)))
+                              else None)(scrape()), 5, message="supervisor state published")
     assert after[("imgworker_jobs_completed_total", ())] == before[("imgworker_jobs_completed_total", ())] + 1
     assert after[("imgworker_jobs", (("status", "completed"),))] == 1
+    assert after[("imgworker_jobs_failed_by_code_total", (("code", "INVALID_IMAGE"),))] == 1
     assert after[("imgworker_rejections_total", (("code", "UNSUPPORTED_FORMAT"),))] == 1
     assert after[("imgworker_upload_bytes_total", ())] > 0
     assert after[("imgworker_workers", (("state", "configured"),))] == 3
     assert after[("imgworker_paused", ())] == 0
     assert ("imgworker_http_request_seconds_count", ()) in after
+    assert after[("imgworker_processing_seconds_count", ())] == 1
+    assert after[("imgworker_processing_seconds_bucket", (("le", "+Inf"),))] == 1
+    assert after[("imgworker_processed_output_bytes_total", ())] > 0
+    assert after[("imgworker_processed_input_bytes_total", ())] > after[("imgworker_processed_output_bytes_total", ())]
 
 
 def test_log_level_is_honoured(served):
