@@ -276,3 +276,25 @@ def test_missing_input_is_transient_io_error(tmp_path):
 def test_sniff():
     assert sniff(image_bytes("WEBP")) == "webp" and sniff(image_bytes("GIF")) == "gif"
     assert sniff(b"BM....") == "bmp" and sniff(b"hello") is None
+
+
+def test_corrupt_zlib_stream_is_refused_not_half_decoded(tmp_path):
+    """Regression: PNG's getexif() loads the image; catching that failure let a
+    second load() 'succeed' with a partial picture (corpus broken_data_stream.png)."""
+    good = image_bytes("PNG", (120, 80), color=(10, 200, 30))
+    pos = good.index(b"IDAT")
+    length = struct.unpack(">I", good[pos - 4:pos])[0]
+    data = bytearray(good[pos + 4:pos + 4 + length])
+    data[2:12] = b"\xff" * 10  # garbage in the deflate stream, CRC kept valid
+    chunk = b"IDAT" + bytes(data)
+    bad = good[:pos - 4] + struct.pack(">I", length) + chunk + struct.pack(">I", zlib.crc32(chunk)) + good[pos + 8 + length:]
+    with pytest.raises(ImageError) as err:
+        run(tmp_path, bad)
+    assert err.value.code == "INVALID_IMAGE" and not err.value.transient
+
+
+def test_exact_box_width_for_odd_aspect_ratios(tmp_path):
+    """Regression: Image.thumbnail() rounded 1502x900 to 1023 wide; the box is filled exactly."""
+    result, path = run(tmp_path, image_bytes("PNG", (1502, 900)), format="png")
+    assert result["processedFile"]["dimensions"] == {"width": 1024, "height": 614}
+    assert Image.open(path).size == (1024, 614)
