@@ -181,10 +181,6 @@ class Config:
     def max_attempts(self) -> int:
         return self.values["MAX_RETRIES"] + 1
 
-    def dirs(self) -> dict[str, Path]:
-        base = self.data_dir
-        return {"uploads": base / "uploads", "processed": base / "processed", "tmp": base / "tmp"}
-
 
 def parse_dotenv(text: str) -> dict[str, str]:
     """Parse a .env file: KEY=VALUE lines, `export` allowed, quotes optional.

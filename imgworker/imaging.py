@@ -36,7 +36,6 @@ from .errors import ImageError
 PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif": ("GIF",)}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif"}
 CAN_ANIMATE = ("webp", "gif")
-MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif"}
 
 # Signatures of formats we may be sent, to tell "not an image we accept"
 # (415) from "one of ours, but broken" (422) without trusting Pillow's guess.

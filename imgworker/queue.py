@@ -119,10 +119,6 @@ class JobQueue:
     def migrate(self) -> list[str]:
         return db.migrate(self.conn)
 
-    def ping(self) -> None:
-        """Raise sqlite3.Error unless the database answers a query on the jobs table."""
-        self.conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
-
     def checkpoint(self) -> None:
         """Fold the WAL back into the database file (PASSIVE: never blocks writers)."""
         self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")

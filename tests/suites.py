@@ -5,6 +5,7 @@ size under ``-m slow``. Each returns a report dict; the tests assert on it.
 
 from __future__ import annotations
 
+import http.client as http_client
 import io
 import json
 import random
@@ -86,8 +87,10 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
             while True:
                 try:
                     r = upload(http, images[i % len(images)], f"{i}.img")
-                except OSError:
-                    time.sleep(0.05)  # the service is down: try again, as a client would
+                except (OSError, http_client.HTTPException):
+                    # the service died before or while answering: try again, as a
+                    # client would (a job accepted without a reply is still checked below)
+                    time.sleep(0.05)
                     continue
                 if r.status == 202:
                     accepted.append(r.json["jobId"])
@@ -342,7 +345,7 @@ def load(service: Callable, submissions: int, clients: int, queue_size: int, rat
                 return
             try:
                 r = upload(http, images[i % len(images)], f"{i}.jpg")
-            except OSError as exc:
+            except (OSError, http_client.HTTPException) as exc:
                 with lock:
                     bad.append(("connection", str(exc)))
                 continue
