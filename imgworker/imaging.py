@@ -380,7 +380,8 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + rename,
     so readers never see a partial file; fsync so it survives a power cut."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    # ".tmp-<name>." lets the supervisor find the half-written file of a worker it had to kill
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -115,6 +115,10 @@ class Storage:
             count += sum(_unlink(p) for job_id, p in candidates.items() if job_id not in known)
         return count
 
+    def remove_partial_output(self, job_id: str) -> int:
+        """Delete what a killed worker was writing for ``job_id``."""
+        return sum(_unlink(p) for p in self.processed.glob(f".tmp-processed_{job_id}.*"))
+
     def remove_partial_outputs(self) -> int:
         """Delete half-written outputs (``.tmp-*`` in processed/). Only safe
         when no supervisor is running jobs on this storage."""

@@ -69,6 +69,7 @@ class Worker:
     rss_mb: int = 0
     jobs_done: int = 0
     retire: bool = False          # recycle after the current job
+    writing: str | None = None    # job whose output it may be writing (cleaned up if it dies)
 
     @property
     def pid(self) -> int:
@@ -305,6 +306,10 @@ class Supervisor:
                 continue
             w.proc.returncode = os.waitstatus_to_exitcode(status)
             self._forget(w)
+            if w.writing and not any(o.job and o.job["id"] == w.writing for o in self.workers.values()):
+                # killed or crashed mid-job: no half-written output stays behind
+                # (unless the job's retry already runs on another worker)
+                self.storage.remove_partial_output(w.writing)
             if os.WIFSIGNALED(status):
                 sig = signal.Signals(os.WTERMSIG(status)).name
                 why = f"killed by {sig}" + (": perhaps out of memory?" if sig == "SIGKILL" and not w.doomed else "")
@@ -378,6 +383,7 @@ class Supervisor:
 
     def start_job(self, w: Worker, job: dict[str, Any]) -> None:
         w.job = job
+        w.writing = job["id"]
         w.started = time.monotonic()
         self.counters.started += 1
         msg = {
@@ -410,7 +416,7 @@ class Supervisor:
         job = w.job
         if job is None or msg.get("id") != job["id"]:
             return  # a late answer for a job we already gave up on
-        w.job = None
+        w.job = w.writing = None
         w.jobs_done += 1
         w.rss_mb = int(msg.get("rssMb") or 0)
         elapsed = round((time.monotonic() - w.started) * 1000)

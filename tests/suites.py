@@ -131,6 +131,8 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
         "lost": sorted(set(accepted) - {r["id"] for r in rows}),
         "not_completed": [(r["id"], r["status"], r["error_code"]) for r in rows if r["status"] != "completed"],
         "outputs_ok": outputs == sorted(f"processed_{r['id']}.webp" for r in rows),
+        "outputs_unexpected": sorted(set(outputs) - {f"processed_{r['id']}.webp" for r in rows}),
+        "outputs_missing": sorted({f"processed_{r['id']}.webp" for r in rows} - set(outputs)),
         "orphan_uploads": sorted(uploads - {r["id"] for r in rows}),
         "tmp_files": sorted(p.name for p in svc.storage.tmp.iterdir()),
         "recovered": log.count("Recovered from a stopped worker or supervisor"),

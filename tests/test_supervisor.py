@@ -168,3 +168,17 @@ def test_workers_hold_no_database_descriptor(service):
         targets = [os.readlink(f"/proc/{w['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{w['pid']}/fd")]
         assert not [t for t in targets if "imgworker.db" in t], targets
         assert os.getpgid(w["pid"]) == w["pid"]  # own process group
+
+
+def test_worker_killed_while_writing_leaves_no_partial_output(service):
+    svc = service(MAX_CONCURRENT_JOBS=1, RETRY_BASE_DELAY_MS=50)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
+    job_id = svc.submit(PHOTO, _testSleepMs=1000)
+    wait_for(lambda: status(svc, job_id) == "processing", 5)
+    # what a worker killed in the middle of write_atomic leaves behind
+    partial = svc.storage.processed / f".tmp-processed_{job_id}.webp.x1y2z3"
+    partial.write_bytes(b"half a webp")
+    os.kill(pool[0]["pid"], signal.SIGKILL)
+    wait_for(lambda: not partial.exists(), 5, message="partial output removed when the worker was reaped")
+    wait_for(lambda: status(svc, job_id) == "completed", 15)
+    assert sorted(p.name for p in svc.storage.processed.iterdir()) == [f"processed_{job_id}.webp"]
