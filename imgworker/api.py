@@ -29,7 +29,7 @@ import bottle
 from . import config as config_mod
 from . import imaging, log, wakeup
 from .errors import ImageError, InvalidParameter, NotFound, ServiceError
-from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, secure
+from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, pool_summary, secure
 from .queue import JobQueue, NewJob
 from .storage import Storage, fsync_dir
 from .uploads import Form, UploadedFile, read_form
@@ -118,10 +118,9 @@ class Api:
         r("/metrics", "GET", self.get_metrics)
         r("/", "GET", self.get_page)
         r("/static/<name>", "GET", self.get_static)
-        for code, text in ((404, "Not found"), (405, "Method not allowed")):
+        for code, text in ((400, "Bad request"), (404, "Not found"), (405, "Method not allowed"),
+                           (500, "Internal server error")):
             self.app.error(code)(self._http_error(code, text))
-        self.app.error(500)(self._http_error(500, "Internal server error"))
-        self.app.error(400)(self._http_error(400, "Bad request"))
 
     def _http_error(self, status: int, text: str) -> Callable:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "INVALID_PARAMETER"}.get(status, "INTERNAL_ERROR")
@@ -403,11 +402,8 @@ class Api:
         stats = self.queue.stats()
         live, _ = self._supervisors()
         states = [s["state"] for s in live]
-        workers = {k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")}
-        paused = any(s.get("paused") for s in states)
         stats.update({
-            "workers": workers, "paused": paused,
-            "pauseReason": next((s.get("pauseReason") for s in states if s.get("paused")), None),
+            **pool_summary(states),
             "memory": states[0].get("memory", {}) if states else {},
             "uptime": round(time.monotonic() - self.started, 1),
             "supervisors": len(live),
@@ -428,14 +424,8 @@ class Api:
                            f"{HEALTH_STALE_MS // 1000} s: jobs are accepted but not processed",
                            lastHeartbeat=_iso(last))
             return self._json(503, payload)
-        states = [s["state"] for s in live]
-        paused = any(s.get("paused") for s in states)
-        payload.update(
-            status="ok", paused=paused,
-            pauseReason=next((s.get("pauseReason") for s in states if s.get("paused")), None),
-            workers={k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")},
-            lastHeartbeat=_iso(max(s["heartbeat_at"] for s in live)),
-        )
+        payload.update(status="ok", **pool_summary([s["state"] for s in live]),
+                       lastHeartbeat=_iso(max(s["heartbeat_at"] for s in live)))
         return self._json(200, payload)
 
     def _public_limits(self) -> dict[str, Any]:

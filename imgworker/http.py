@@ -52,6 +52,16 @@ def security_headers(path: str, cfg: config_mod.Config) -> list[tuple[str, str]]
     return headers
 
 
+def pool_summary(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """What live supervisors report, combined: workers, paused and why."""
+    paused = [s for s in states if s.get("paused")]
+    return {
+        "workers": {k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")},
+        "paused": bool(paused),
+        "pauseReason": paused[0].get("pauseReason") if paused else None,
+    }
+
+
 def _allowed_origin(origin: str, cfg: config_mod.Config) -> bool:
     return bool(origin) and (origin.rstrip("/") in cfg.cors_origins or "*" in cfg.cors_origins)
 
@@ -196,11 +206,10 @@ class Metrics:
             out.append(f'imgworker_http_request_seconds_bucket{{le="+Inf"}} {total}')
             out.append(f"imgworker_http_request_seconds_sum {self.latency_sum:.6f}")
             out.append(f"imgworker_http_request_seconds_count {total}")
-        workers = {k: sum(s.get("workers", {}).get(k, 0) for s in states) for k in ("configured", "alive", "busy")}
+        pool = pool_summary(states)
         metric("workers", "gauge", "Worker processes of live supervisors.",
-               [(f'{{state="{k}"}}', v) for k, v in workers.items()])
-        metric("paused", "gauge", "1 while claiming is paused for memory pressure.",
-               [("", int(any(s.get("paused") for s in states)))])
+               [(f'{{state="{k}"}}', v) for k, v in pool["workers"].items()])
+        metric("paused", "gauge", "1 while claiming is paused for memory pressure.", [("", int(pool["paused"]))])
         metric("supervisors", "gauge", "Supervisors with a recent heartbeat.", [("", len(states))])
         counters: Counter = Counter()
         for s in states:

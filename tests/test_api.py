@@ -276,3 +276,13 @@ def test_openapi_matches_routes(api_server):
     for path, methods in routes.items():
         documented = {m for m in doc["paths"][path] if m != "parameters"}
         assert methods - {"head"} == documented, path
+
+
+def test_health_503_when_the_database_fails(api_server):
+    http, api = api_server()
+    api.queue.heartbeat("sup-1", socket.gethostname(), os.getpid(), 0, {"workers": {}})
+    assert http.get("/api/health").status == 200
+    api.queue.conn.execute("DROP TABLE supervisors")  # the database no longer answers the query
+    r = http.get("/api/health")
+    assert r.status == 503 and r.json["status"] == "unavailable" and "database" in r.json["reason"]
+    assert "Traceback" not in r.body.decode()
