@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 
 from . import config as config_mod
-from . import log, wakeup
+from . import log, notify, wakeup
 from .imaging import Limits
 from .memory import MemoryProbe
 from .queue import JobQueue, RetryPolicy
@@ -132,6 +132,7 @@ class Supervisor:
         self.next_heartbeat = 0.0
         self.next_cleanup = 0.0
         self.respawn_after = 0.0
+        self.announced = False      # READY=1 sent to systemd
         self._apply(cfg)
 
     def _apply(self, cfg: config_mod.Config) -> None:
@@ -179,6 +180,8 @@ class Supervisor:
         LOG.info("Max concurrent jobs: %d", self.cfg.max_concurrent_jobs)
         LOG.info("Job timeout: %dms", self.cfg.job_timeout_ms)
         self.spawn_workers()
+        notify.notify("READY=1", f"STATUS=supervising {self.cfg.max_concurrent_jobs} workers")
+        self.announced = True
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.append(signum)  # acted on by the main loop, never here
@@ -229,6 +232,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         """Release any job still held, stop every worker, leave no child behind."""
+        notify.notify("STOPPING=1")
         for w in list(self.workers.values()):
             if w.busy:
                 self.release(w, "supervisor stopping")
@@ -515,10 +519,19 @@ class Supervisor:
         }
 
     def heartbeat(self) -> None:
+        """Publish our state for the API, and tell systemd's watchdog the loop
+        still turns (only when the database write worked: a supervisor that
+        cannot reach its database is better restarted)."""
         try:
             self.queue.heartbeat(self.id, socket.gethostname(), os.getpid(), self.started_ms, self.state())
         except Exception:
             LOG.exception("Heartbeat failed")
+            return
+        if not self.announced:
+            return
+        busy = self.busy_count()
+        notify.notify("WATCHDOG=1", f"STATUS={'paused: ' + self.pause_reason if self.paused else 'running'}, "
+                      f"{busy}/{self.cfg.max_concurrent_jobs} workers busy")
 
     def recover(self, first: bool = False) -> None:
         """Take back jobs of dead supervisors and expired leases. At start,

@@ -182,3 +182,23 @@ def test_worker_killed_while_writing_leaves_no_partial_output(service):
     wait_for(lambda: not partial.exists(), 5, message="partial output removed when the worker was reaped")
     wait_for(lambda: status(svc, job_id) == "completed", 15)
     assert sorted(p.name for p in svc.storage.processed.iterdir()) == [f"processed_{job_id}.webp"]
+
+
+def test_systemd_notify_ready_watchdog_stopping(service, tmp_path):
+    import socket as _socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    svc = service(NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+    messages = []
+    while not any("WATCHDOG=1" in m for m in messages):
+        messages.append(sock.recv(4096).decode())
+    assert messages[0].startswith("READY=1") and "STATUS=supervising 3 workers" in messages[0]
+    assert "workers busy" in messages[-1]
+    svc.proc.send_signal(signal.SIGTERM)
+    while "STOPPING=1" not in messages[-1]:
+        messages.append(sock.recv(4096).decode())
+    assert svc.proc.wait(timeout=10) == 0
+    sock.close()
