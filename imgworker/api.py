@@ -490,7 +490,12 @@ def run(cfg: config_mod.Config) -> int:
     api = Api(cfg)
     api.queue.migrate()
     api.storage.sweep_dead(api.queue)  # uploads cut off by a crash of an earlier API process
-    server = make_server(cfg, api)
+    try:
+        server = make_server(cfg, api)
+    except OSError as exc:  # taken or unknown address: say which setting, do not restart-loop
+        LOG.error("Cannot listen on HOST=%s PORT=%s: %s", cfg.host, cfg.port, exc.strerror or exc)
+        api.queue.close()
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

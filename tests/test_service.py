@@ -203,3 +203,16 @@ def test_api_sigterm_finishes_the_upload_in_flight(service):
     assert svc.queue.stats()["totalJobs"] == 1
     with pytest.raises(OSError):
         http.get("/api/health")  # no longer listening
+
+
+def test_port_in_use_is_a_clear_configuration_error(service):
+    import socket as _socket
+
+    with _socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        svc = service("serve", PORT=port)
+        assert svc.proc.wait(timeout=30) == 2
+    log = svc.log()
+    assert f"Cannot listen on HOST=127.0.0.1 PORT={port}" in log and "Traceback" not in log
