@@ -111,3 +111,8 @@ def test_server_stopped_processes_in_browser(page_on, tmp_path):
     assert row.locator(".thumb img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 512]
     assert "unavailable" in page.inner_text("#server-status")
     shot(page, "web-browser-fallback.png")
+    page.select_option("#format", "original")  # a PNG stays a PNG
+    page.set_input_files("#file-input", files(tmp_path, [("logo.png", image_bytes("PNG", (300, 100)))]))
+    page.click("#submit")
+    page.locator("#files .file.done").nth(1).wait_for(timeout=20000)
+    assert page.locator("#files .file.done .links a").nth(1).get_attribute("download") == "logo.png"

@@ -181,6 +181,14 @@ async function processInBrowser(row, format) {
   }
 }
 
+// "original" in the browser: keep PNG and JPEG as they are; canvas cannot
+// write GIF, and animated WebP would lose its frames, so those become WebP.
+function browserFormatOf(file) {
+  if (file.type === "image/png") return "png";
+  if (file.type === "image/jpeg") return "jpeg";
+  return "webp";
+}
+
 // ---- wiring --------------------------------------------------------------------
 async function run(files) {
   const format = $("#format").value;
@@ -195,7 +203,7 @@ async function run(files) {
       catch (e) { serverUp = false; $("#server-status").textContent = `Server unavailable (${e.message}): processing in your browser`; $("#server-status").className = "down"; }
     }
     for (const row of chunk) if (!row.li.classList.contains("done") && !row.li.classList.contains("failed")) {
-      await processInBrowser(row, format === "original" ? "webp" : format);
+      await processInBrowser(row, format === "original" ? browserFormatOf(row.file) : format);
     }
   }
 }
