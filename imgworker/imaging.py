@@ -334,7 +334,10 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
                 raise ImageError("IMAGE_TOO_LARGE", "The image needs more memory than the worker has") from None
             except Exception as exc:
                 raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated ({_why(exc)})") from None
-            data = _encode(frames, durations, loop, fmt, quality)
+            try:
+                data = _encode(frames, durations, loop, fmt, quality)
+            except MemoryError:
+                raise ImageError("IMAGE_TOO_LARGE", "Encoding the image needs more memory than the worker has") from None
         finally:
             im.close()
     out_w, out_h = frames[0].size

@@ -280,7 +280,8 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "imgworker.worker", str(child.fileno()), str(os.getpid())],
+                [sys.executable, "-m", "imgworker.worker", str(child.fileno()), str(os.getpid()),
+                 str(worker_memory_cap_mb(self.cfg.worker_max_rss_mb))],
                 pass_fds=(child.fileno(),), process_group=0, stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
@@ -582,6 +583,12 @@ class Supervisor:
             if run_at is not None:
                 deadlines.append(now + max(0.0, run_at / 1000 - time.time()))
         return max(0.0, min(deadlines) - now)
+
+
+def worker_memory_cap_mb(max_rss_mb: int) -> int:
+    """Address-space ceiling of a worker: twice the RSS it is recycled at
+    (one job may briefly need more than a worker keeps), at least 256 MB."""
+    return max(256, 2 * max_rss_mb)
 
 
 def _is_dead(sup: dict[str, Any]) -> bool:

@@ -1,7 +1,8 @@
 """A pool worker: a fresh interpreter that runs one job at a time.
 
-Started by the supervisor as ``python -m imgworker.worker FD`` in its own
-process group, with one end of a socketpair as FD. It opens no database (the
+Started by the supervisor as ``python -m imgworker.worker FD PPID MAX_MB``
+in its own process group, with one end of a socketpair as FD and an address
+space capped at MAX_MB. It opens no database (the
 supervisor writes every outcome) and inherits no connection (close_fds).
 
 Protocol: length-prefixed JSON messages (never pickle: a worker that a
@@ -102,11 +103,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 "message": f"Processing failed: {type(exc).__name__}: {exc}"[:300], "transient": False}
 
 
+def _cap_memory(max_mb: int) -> None:
+    """A hard ceiling on our address space: a pathological image gets a
+    MemoryError (the job fails with IMAGE_TOO_LARGE and this worker lives on)
+    long before the host or the service's cgroup runs out of memory."""
+    if max_mb > 0:
+        limit = max_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fd, parent = int(argv[0]), int(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent(parent)
+    _cap_memory(int(argv[2]) if len(argv) > 2 else 0)
     sock = socket.socket(fileno=fd)
     import PIL.Image  # noqa: F401  (warm the import before the first job)
 

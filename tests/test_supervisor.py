@@ -202,3 +202,22 @@ def test_systemd_notify_ready_watchdog_stopping(service, tmp_path):
         messages.append(sock.recv(4096).decode())
     assert svc.proc.wait(timeout=10) == 0
     sock.close()
+
+
+def test_memory_hungry_image_fails_alone_under_the_worker_cap(service):
+    """WORKER_MAX_RSS_MB=64 caps a worker's address space at 256 MB: a 49 Mpx
+    RGBA PNG (196 MB decoded) fails with IMAGE_TOO_LARGE, the worker lives on."""
+    import io as _io
+
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.new("RGBA", (7000, 7000), (10, 20, 30, 255)).save(buf, "PNG", compress_level=1)
+    svc = service(MAX_CONCURRENT_JOBS=1, WORKER_MAX_RSS_MB=64)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
+    big = svc.submit(buf.getvalue(), name="huge.png")
+    small = svc.submit(image_bytes("PNG", (300, 200)))
+    wait_for(lambda: status(svc, big) == "failed" and status(svc, small) == "completed", 30)
+    job = svc.queue.get(big)
+    assert job["error_code"] == "IMAGE_TOO_LARGE" and job["attempts"] == 1
+    assert svc.state()["counters"]["crashes"] == 0 and alive(pool[0]["pid"])
