@@ -417,6 +417,7 @@ class Supervisor:
             return
         if "ready" in msg:
             w.ready = True
+            self.heartbeat()  # publish the pool's strength at once (a rare event)
             return
         job = w.job
         if job is None or msg.get("id") != job["id"]:

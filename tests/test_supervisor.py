@@ -50,11 +50,19 @@ def test_stuck_job_killed_retried_then_failed_while_others_flow(service):
     assert job["error_code"] == "TIMEOUT" and job["attempts"] == 1
     dead = wait_for(lambda: [p for p in before if not alive(p)], 2, message="stuck worker killed")
     assert len(dead) == 1
+    killed_at = time.monotonic()
+
+    def full_again():
+        st = svc.state()
+        return st["workers"]["alive"] == 2 and dead[0] not in {w["pid"] for w in st["pool"]}
+
+    wait_for(full_again, 2.0, message="pool back to full strength within 2 s of the kill")
+    assert time.monotonic() - killed_at < 2.0
     wait_for(lambda: all_done(svc, others), 20, message="other jobs completed meanwhile")
     wait_for(lambda: status(svc, stuck) == "failed", 10, message="failed after retries")
     job = svc.queue.get(stuck)
     assert job["error_code"] == "TIMEOUT" and job["attempts"] == 2
-    wait_for(lambda: svc.state()["workers"]["alive"] == 2, 2.5, message="pool back to full strength")
+    wait_for(lambda: svc.state()["workers"]["alive"] == 2, 2.0, message="pool at full strength at the end")
     assert "killing worker" in svc.log() and "retry scheduled at" in svc.log()
 
 
