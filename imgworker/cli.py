@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setup(cfg.log_level)
     try:
         return COMMANDS[args.command](cfg, args)
+    except config_mod.ConfigError as exc:  # e.g. an unreachable DATABASE_URL
+        print(f"imgworker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except db.DatabaseError as exc:
         print(f"imgworker: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -156,18 +159,30 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 # -- database commands ---------------------------------------------------------------
 def cmd_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """Apply pending migrations (or list them with --status) on the
+    configured database: PostgreSQL when DATABASE_URL is set, else SQLite."""
     from .storage import Storage
 
-    Storage(cfg.data_dir).ensure()
-    conn = db.connect(cfg.database_path)
-    if args.status:
-        applied = db.applied_migrations(conn)
-        for version, name, _path in db.available_migrations():
-            when = applied.get(version)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when[1] / 1000)) if when else "pending"
-            print(f"{version:04d}  {name:<30} {stamp}")
-        return EXIT_OK
-    done = db.migrate(conn)
+    if cfg.database_url:
+        from . import pgdb as dialect
+
+        conn = dialect.connect(cfg.database_url, application_name="imgworker-cli")
+    else:
+        dialect = db  # type: ignore[assignment]
+        Storage(cfg.data_dir).ensure()
+        conn = db.connect(cfg.database_path)
+    try:
+        if args.status:
+            applied = dialect.applied_migrations(conn)
+            print(f"database {cfg.database_label}")
+            for version, name, _path in dialect.available_migrations():
+                when = applied.get(version)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when[1] / 1000)) if when else "pending"
+                print(f"{version:04d}  {name:<30} {stamp}")
+            return EXIT_OK
+        done = dialect.migrate(conn)
+    finally:
+        conn.close()
     print("\n".join(f"applied {n}" for n in done) if done else "database is up to date")
     return EXIT_OK
 

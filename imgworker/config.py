@@ -101,6 +101,34 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/\s]*@")
+
+
+def mask_password(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` URL in it
+    replaced by ``***`` (for error messages and logs)."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _database_url(raw: str) -> str:
+    """Empty (the embedded SQLite store) or a ``postgresql://`` URL."""
+    from urllib.parse import urlsplit
+
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL (like postgresql://HOST:PORT/DATABASE) or empty for SQLite")
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise ValueError("names no database: postgresql://HOST/DATABASE")
+    return value
+
+
 # (name, converter, default, doc). Defaults are strings so that they go
 # through the same converter as operator input: one path, validated once.
 SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
@@ -124,6 +152,8 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("HOST", _text, "127.0.0.1", "address the API listens on"),
     ("DATA_DIR", _text, "./data", "uploads, processed images, temp files and the database"),
     ("DATABASE_PATH", _text, "", "SQLite file (default: $DATA_DIR/imgworker.db)"),
+    ("DATABASE_URL", _database_url, "", "`postgresql://user:password@host/db` selects the PostgreSQL store "
+     "(several nodes; see Scaling out); empty: SQLite at DATABASE_PATH"),
     ("MAX_RETRIES", _int(0, 100), "3", "retries of a transient failure before the job fails"),
     ("RETRY_BASE_DELAY_MS", _int(0), "1000", "first retry delay; doubles each attempt"),
     ("RETRY_MAX_DELAY_MS", _int(0), "60000", "cap on the retry delay"),
@@ -167,6 +197,16 @@ class Config:
     def database_path(self) -> Path:
         raw = self.values["DATABASE_PATH"]
         return Path(raw).resolve() if raw else self.data_dir / "imgworker.db"
+
+    @property
+    def database_url(self) -> str:
+        """The PostgreSQL URL, or "" for the embedded SQLite store."""
+        return self.values["DATABASE_URL"]
+
+    @property
+    def database_label(self) -> str:
+        """Which database this is, for messages: masked URL or SQLite path."""
+        return mask_password(self.database_url) if self.database_url else str(self.database_path)
 
     @property
     def max_file_bytes(self) -> int:
@@ -227,7 +267,7 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
         try:
             values[name] = convert(raw)
         except ValueError as exc:
-            raise ConfigError(f"bad value for {name}: {raw!r} ({exc})") from None
+            raise ConfigError(f"bad value for {name}: {mask_password(raw)!r} ({mask_password(str(exc))})") from None
     if values["MEMORY_RESUME_PERCENT"] > values["MEMORY_PAUSE_PERCENT"]:
         raise ConfigError(
             f"bad value for MEMORY_RESUME_PERCENT: {raws['MEMORY_RESUME_PERCENT']!r} "

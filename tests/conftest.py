@@ -64,6 +64,27 @@ def add_jobs(queue, tmp_path):
     return add
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """A private PostgreSQL server for the whole session (tests/pg.py);
+    skips only when the binaries or psycopg cannot be had."""
+    import pg
+
+    server, why = pg.start_server()
+    if server is None:
+        pytest.skip(why)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """URL of a fresh, empty database on the session's server, dropped after."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
 @pytest.fixture
 def corpus():
     if not CORPUS.is_dir():

@@ -41,7 +41,9 @@ EVERY_KEY = {
     "CORS_ORIGINS": ("https://yourdomain.com,https://www.yourdomain.com",
                      ("https://yourdomain.com", "https://www.yourdomain.com")),
     "NODE_ENV": ("production", "production"), "APP_ENV": ("test", "test"), "HOST": ("0.0.0.0", "0.0.0.0"),
-    "DATA_DIR": ("/srv/img", "/srv/img"), "DATABASE_PATH": ("/srv/q.db", "/srv/q.db"), "MAX_RETRIES": ("5", 5),
+    "DATA_DIR": ("/srv/img", "/srv/img"), "DATABASE_PATH": ("/srv/q.db", "/srv/q.db"),
+    "DATABASE_URL": ("postgresql://img:pw@db.internal:5432/imgworker", "postgresql://img:pw@db.internal:5432/imgworker"),
+    "MAX_RETRIES": ("5", 5),
     "RETRY_BASE_DELAY_MS": ("500", 500), "RETRY_MAX_DELAY_MS": ("9000", 9000), "JOB_RETENTION_MS": ("3600000", 3600000),
     "MAX_INPUT_PIXELS": ("1000000", 1000000), "MAX_FRAMES": ("10", 10), "MAX_ANIMATION_PIXELS": ("5000000", 5000000),
     "BATCH_MAX_FILES": ("5", 5), "OUTPUT_FORMAT": ("jpeg", "jpeg"), "MEMORY_PAUSE_PERCENT": ("70", 70.0),
@@ -79,6 +81,7 @@ def test_seed_env_loads_unchanged_and_environment_wins(tmp_path):
     ("COMPRESSION_QUALITY", "0.05"), ("SUPPORTED_FORMATS", "jpeg,bmp"), ("OUTPUT_FORMAT", "avif"),
     ("TRUST_PROXY", "maybe"), ("CORS_ORIGINS", "not an origin"), ("LOG_LEVEL", "loud"),
     ("MEMORY_RESUME_PERCENT", "95"), ("MAX_FILE_SIZE_MB", "-1"), ("NODE_ENV", "staging"),
+    ("DATABASE_URL", "sqlite:///x.db"), ("DATABASE_URL", "postgresql://host-only"),
 ])
 def test_bad_values_name_key_and_value(key, value):
     with pytest.raises(config.ConfigError) as err:

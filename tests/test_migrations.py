@@ -66,3 +66,7 @@ def test_wheel_ships_migrations(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for _, _, path in db.available_migrations():
         assert f"imgworker/migrations/{path.name}" in names
+    from imgworker import pgdb
+
+    for _, _, path in pgdb.available_migrations():
+        assert f"imgworker/migrations/postgres/{path.name}" in names
