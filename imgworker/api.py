@@ -483,6 +483,32 @@ def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None
     return server
 
 
+# Settings the API reads once at start (the listening socket, the limits
+# built into the server and the middleware); the rest take effect on SIGHUP.
+START_ONLY = ("HOST", "PORT", "DATA_DIR", "DATABASE_PATH", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS",
+              "CORS_ORIGINS", "TRUST_PROXY", "NODE_ENV", "APP_ENV", "MAX_FILE_SIZE_MB", "BATCH_MAX_FILES")
+
+
+def _reload(api: Api) -> None:
+    """SIGHUP: re-read the settings and apply those the API reads per request
+    (queue bound, pixel limits, formats, log level...); the log line lists
+    what changed and names the START_ONLY ones that need a restart."""
+    try:
+        cfg = config_mod.load()
+    except config_mod.ConfigError as exc:
+        LOG.error("Reload refused, keeping the running settings: %s", exc)
+        return
+    changed = config_mod.changes(api.cfg, cfg)
+    values = {**cfg.values, **{k: api.cfg.values[k] for k in START_ONLY if k in api.cfg.values}}
+    api.cfg = config_mod.Config(values)
+    api.limits = imaging.Limits.from_config(api.cfg)
+    log.setup(api.cfg.log_level)
+    LOG.info("Settings reloaded: %s", "; ".join(changed) if changed else "nothing changed")
+    later = [c.split()[0] for c in changed if c.split()[0] in START_ONLY]
+    if later:
+        LOG.warning("%s: read at start only; restart the API to apply", ", ".join(later))
+
+
 def run(cfg: config_mod.Config) -> int:
     """Entry point of ``imgworker api``: serve until SIGTERM/SIGINT, then stop
     accepting, let in-flight requests finish (bounded) and exit 0."""
@@ -498,10 +524,12 @@ def run(cfg: config_mod.Config) -> int:
         return 2
     stop = threading.Event()
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()  # acted on by the loop below, never here
+    hup = threading.Event()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    def on_signal(signum: int, _frame: Any) -> None:
+        (hup if signum == signal.SIGHUP else stop).set()  # acted on by the loop below, never here
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     LOG.info("Image Processing Server running on http://%s:%s", cfg.host, server.effective_port)
     LOG.info("Max concurrent jobs: %d", cfg.max_concurrent_jobs)
@@ -510,6 +538,9 @@ def run(cfg: config_mod.Config) -> int:
 
     while not stop.is_set():
         wasyncore.loop(timeout=0.2, map=server._map, count=1)
+        if hup.is_set():
+            hup.clear()
+            _reload(api)
     LOG.info("Stopping: finishing in-flight requests")
     server.accepting = False
     server.del_channel()  # stop listening; existing channels keep their map entries

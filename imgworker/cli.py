@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,17 @@ from . import config as config_mod
 from . import db, log
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _quality(raw: str) -> int:
+    """--quality: the range the server accepts, so --local agrees with it."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100 (got {raw!r})") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100 (got {raw!r})")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=".", help="output folder (default: current folder)")
     pr.add_argument("--format", default=None, choices=config_mod.OUTPUT_FORMATS)
     pr.add_argument("--priority", type=int, default=0)
-    pr.add_argument("--quality", type=int, default=None, help="1-100")
+    pr.add_argument("--quality", type=_quality, default=None, help="1-100 (as the server accepts)")
     pr.add_argument("--local", action="store_true", help="process here, without a server")
+    pr.add_argument("--wait", type=float, default=15.0, metavar="SECONDS",
+                    help="when the server goes away mid-batch, wait this long for it before processing here (default 15)")
     pr.add_argument("--json", action="store_true", help="print one JSON result per file")
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--status", choices=("queued", "processing", "completed", "failed", "retrying", "cancelled"))
@@ -79,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `imgworker jobs | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
 
 
 def _queue(cfg: config_mod.Config):
@@ -108,7 +125,8 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """Run ``imgworker api`` and ``imgworker worker`` as two children, the way
     the systemd units do. A child that dies is restarted (after a second, so
     a crash loop does not spin); a configuration error (exit 2) or
-    SIGTERM/SIGINT stops both."""
+    SIGTERM/SIGINT stops both; SIGHUP is passed to both (reload) and serve
+    stays up."""
     _queue(cfg).close()  # data dirs + migrations, once, before either half starts
     me = log.get("serve")
 
@@ -118,10 +136,20 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     children = {name: start(name) for name in ("worker", "api")}
     restart_at: dict[str, float] = {}
     stop: list[int] = []
+    hups: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(s))
+    # HUP is the reload signal: pass it on to both halves and stay up (its
+    # default action would kill serve and leave the halves running, orphaned)
+    signal.signal(signal.SIGHUP, lambda s, _f: hups.append(s))
     code = EXIT_OK
     while not stop:
+        if hups:
+            hups.clear()
+            me.info("Received SIGHUP: asking both halves to reload their settings")
+            for proc in children.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGHUP)
         for name, proc in children.items():
             if proc.poll() is None or name in restart_at:
                 continue
@@ -274,8 +302,10 @@ def cmd_stats(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     for s in sups:
         st = s["state"]
         age = (time.time() * 1000 - s["heartbeat_at"]) / 1000
-        print(f"supervisor {s['id']}: heartbeat {age:.1f}s ago, workers {st.get('workers')}, "
-              f"paused {st.get('paused')}{' (' + st['pauseReason'] + ')' if st.get('pauseReason') else ''}")
+        w = st.get("workers") or {}
+        state = f"paused ({st.get('pauseReason') or 'no reason given'})" if st.get("paused") else "running"
+        print(f"supervisor {s['id']}: {state}, heartbeat {age:.1f}s ago, workers {w.get('alive', 0)}/"
+              f"{w.get('configured', 0)} alive, {w.get('busy', 0)} busy")
     return EXIT_OK
 
 

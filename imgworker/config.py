@@ -281,6 +281,12 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
     return Config(values)
 
 
+def changes(old: Config, new: Config) -> list[str]:
+    """``KEY old -> new`` for each setting that differs (for the reload log line)."""
+    return [f"{name} {old.values[name]!r} -> {new.values[name]!r}"
+            for name, *_ in SETTINGS if old.values[name] != new.values[name]]
+
+
 def table_markdown() -> str:
     """The README's configuration table, generated from SETTINGS."""
     rows = ["| key | default | meaning |", "|---|---|---|"]

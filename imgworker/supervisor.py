@@ -218,8 +218,9 @@ class Supervisor:
         values = dict(cfg.values)
         for key in ("MAX_CONCURRENT_JOBS", "DATABASE_PATH", "DATA_DIR"):
             values[key] = self.cfg.values[key]
+        changed = config_mod.changes(self.cfg, config_mod.Config(values))
         self._apply(config_mod.Config(values))
-        LOG.info("Settings reloaded")
+        LOG.info("Settings reloaded: %s", "; ".join(changed) if changed else "nothing changed")
 
     def drained(self) -> bool:
         if any(w.busy for w in self.workers.values()):

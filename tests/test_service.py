@@ -216,3 +216,22 @@ def test_port_in_use_is_a_clear_configuration_error(service):
         assert svc.proc.wait(timeout=30) == 2
     log = svc.log()
     assert f"Cannot listen on HOST=127.0.0.1 PORT={port}" in log and "Traceback" not in log
+
+
+def test_hup_reloads_both_halves_and_serve_stays_up(served):
+    """kill -HUP of serve (the PID a user has) reaches both halves; serve and
+    its children stay up with the same PIDs; SIGTERM then stops the tree."""
+    import psutil
+
+    svc, http = served()
+    before = {p.pid for p in psutil.Process(svc.proc.pid).children()}
+    assert len(before) == 2
+    (svc.tmp_path / ".env").write_text("MAX_RETRIES=7\nMAX_CONCURENT_JOBS=9\n")
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: svc.log().count("Settings reloaded: MAX_RETRIES 3 -> 7") == 2, 10,
+             message="both halves log what changed")
+    assert svc.proc.poll() is None and _health(http) == 200
+    assert {p.pid for p in psutil.Process(svc.proc.pid).children()} == before
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=20) == 0
+    assert not [pid for pid in before if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
