@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,7 +61,11 @@ def test_fallback_on_503_queue_full(server, tmp_path):
     first = write(tmp_path, "a.png", image_bytes("PNG", (50, 50)))
     client.max_poll_time = 0.5  # the paused server never finishes this one
     r1 = client.process_file(first, tmp_path / "out")
-    assert r1.source == "local" and "not finished" in r1.fallback_reason  # slow server: local
+    assert r1.ok and r1.source == "local" and "did not finish it in 0.5 s" in r1.fallback_reason
+    # the job given up on is cancelled on the server, not left to run later for nobody
+    (job,) = svc.queue.list()
+    assert job["status"] == "cancelled" and not client.abandoned
+    svc.submit(image_bytes("PNG", (20, 20)))  # fills the queue (size 1)
     client.max_poll_time = 30
     second = write(tmp_path, "b.png", image_bytes("PNG", (60, 60)))
     r2 = client.process_file(second, tmp_path / "out")
@@ -140,3 +145,127 @@ def test_cli_local_and_dead_server(tmp_path):
     assert r.returncode == 0 and "Processing a.png on client (requested)... done" in r.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-1.webp", "a.webp"]
     assert run_cli(tmp_path, str(tmp_path / "missing.jpg"), "--local").returncode == 1
+
+
+def noisy_jpeg(size=(3000, 2000)):
+    """A photo-like JPEG that takes a worker about a quarter of a second."""
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def start_cli(tmp_path, *args):
+    full = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "clientdata")}
+    return subprocess.Popen([sys.executable, "-m", "imgworker", "process", *args], cwd=tmp_path, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["server-restarted", "server-stays-down"])
+def test_cli_server_killed_mid_batch_no_file_processed_twice(server, service, tmp_path, comes_back):
+    """Bug 3: the files the server finished before it died are kept (not redone
+    as photo-1.webp); the rest wait for the server to come back, or are done
+    here when it does not, with the abandoned server jobs reported."""
+    svc, client = server(MAX_CONCURRENT_JOBS=1)
+    data = noisy_jpeg()
+    for i in range(8):
+        write(tmp_path, f"p{i}.jpg", data)
+    out = tmp_path / "out"
+    proc = start_cli(tmp_path, str(tmp_path / "in"), "--server", client.server_url, "--out", str(out),
+                     "--wait", "30" if comes_back else "1")
+    wait_for(lambda: out.is_dir() and len(list(out.glob("*.webp"))) >= 2, 60, message="two files done")
+    svc.kill_tree()
+    if comes_back:
+        port = client.server_url.rsplit(":", 1)[1]
+        again = service("serve", PORT=port, MAX_CONCURRENT_JOBS=1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"p{i}.webp" for i in range(8)]  # never p0-1.webp
+    lines = [line for line in stdout.splitlines() if line.startswith("Processing ")]
+    assert len(lines) == 8
+    assert sum("on server... done" in line for line in lines) >= 2
+    if comes_back:
+        assert "waiting up to 30 s" in stderr and "Server is back" in stderr
+        assert all("on server... done" in line for line in lines)
+        jobs = again.queue.list(limit=100)
+        assert len(jobs) == 8 and {j["status"] for j in jobs} == {"completed"}
+    else:
+        assert any("on client (server unavailable" in line for line in lines)
+        assert "could not be cancelled" in stderr  # the server is gone: say which jobs were left there
+        assert "8 processed (" in stdout
+
+
+def test_cli_batch_size_follows_the_server_limit(server, tmp_path):
+    """Bug 4: the CLI sends at most the server's BATCH_MAX_FILES per request."""
+    svc, client = server(BATCH_MAX_FILES=5)
+    for i in range(12):
+        write(tmp_path, f"s{i:02d}.png", image_bytes("PNG", (40 + i, 30)))
+    r = run_cli(tmp_path, str(tmp_path / "in"), "--server", client.server_url, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "12 processed, 0 failed" in r.stdout
+    batches = {j["batch_id"] for j in svc.queue.list(limit=100)}
+    assert len(batches) == 3  # 5 + 5 + 2
+
+
+def test_server_url_without_scheme(server, tmp_path):
+    """Bug 5: `--server localhost:3001` means http, and nonsense is a usage error, not a traceback."""
+    svc, client = server()
+    write(tmp_path, "a.png", image_bytes("PNG", (40, 40)))
+    bare = client.server_url.removeprefix("http://")
+    r = run_cli(tmp_path, str(tmp_path / "in"), "--server", bare, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0 and "on server... done" in r.stdout, r.stdout + r.stderr
+    for bad in ("ftp://host", "http://", "localhost:port"):
+        r = run_cli(tmp_path, str(tmp_path / "in"), "--server", bad)
+        assert r.returncode == 2 and "--server" in r.stderr and "Traceback" not in r.stderr, bad
+
+
+def test_poll_values_in_milliseconds_are_refused():
+    """Bug 10: ServerApiClient(url, 500, 180000) as ported from the original
+    (milliseconds) is refused with a sentence, not a client that polls every 500 s."""
+    with pytest.raises(ValueError, match="seconds.*pass 0.5"):
+        ServerApiClient("http://127.0.0.1:3001", 500, 180)
+    with pytest.raises(ValueError, match="pass 180"):
+        ServerApiClient("http://127.0.0.1:3001", 0.5, 180000)
+    assert ServerApiClient("127.0.0.1:3001", 0.5, 180).server_url == "http://127.0.0.1:3001"
+
+
+def test_cli_identifies_files_by_their_bytes(tmp_path):
+    """Bug 7: in a folder every regular file is identified by its bytes; what
+    is not an accepted image is reported as skipped, with the reason."""
+    write(tmp_path, "scan.tif", image_bytes("TIFF", (30, 30)))
+    write(tmp_path, "noextension", image_bytes("PNG", (30, 30)))
+    write(tmp_path, "photo.jpg.bak", image_bytes("JPEG", (30, 30)))
+    write(tmp_path, "notes.txt", b"hello")
+    write(tmp_path, ".hidden.png", image_bytes("PNG", (30, 30)))
+    r = run_cli(tmp_path, str(tmp_path / "in"), "--local", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["noextension.webp", "photo.jpg.webp"]
+    assert "Skipping " in r.stdout and "scan.tif: TIFF is not accepted" in r.stdout
+    assert "notes.txt: not an image" in r.stdout and ".hidden" not in r.stdout
+    assert "2 processed on this machine, 0 failed, 2 skipped" in r.stdout
+
+
+def test_cli_output_is_human(server, tmp_path):
+    """Bug 11: human sizes, one line per file, a summary; a missing file is
+    said plainly; `| head` ends without a traceback."""
+    svc, client = server()
+    write(tmp_path, "big.png", image_bytes("PNG", (2000, 1000), color=(10, 200, 30)))
+    r = run_cli(tmp_path, str(tmp_path / "in" / "big.png"), str(tmp_path / "nonexistent.jpg"),
+                "--server", client.server_url, "--out", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "Skipping nonexistent.jpg: no such file" in r.stdout and "(None)" not in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("Processing big.png"))
+    assert re.search(r"\(\d+\.\d (KB|B|MB) -> \d+(\.\d)? (KB|B|MB), (saved \d+%|\d+\.\d (KB|MB) larger)\)$", line), line
+    assert re.search(r"1 processed, 1 failed; .* saved .*%\)", r.stdout.splitlines()[-1])
+    assert "bytes" not in r.stdout
+    stats = subprocess.run(f"{sys.executable} -m imgworker stats | head -1", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, env={**os.environ, "DATA_DIR": str(svc.tmp_path / "data")})
+    assert stats.returncode == 0 and "Traceback" not in stats.stderr and "BrokenPipe" not in stats.stderr
+
+
+def test_cli_local_quality_range_matches_the_server(tmp_path):
+    """Bug 12: `--local --quality 0` is refused as the server refuses it."""
+    write(tmp_path, "a.png", image_bytes("PNG", (30, 30)))
+    r = run_cli(tmp_path, str(tmp_path / "in"), "--local", "--quality", "0")
+    assert r.returncode == 2 and "from 1 to 100" in r.stderr
