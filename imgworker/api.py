@@ -28,7 +28,7 @@ import bottle
 
 from . import config as config_mod
 from . import imaging, log, wakeup
-from .errors import ImageError, InvalidParameter, NotFound, ServiceError
+from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
 from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, pool_summary, secure
 from .queue import JobQueue, NewJob
 from .storage import Storage, fsync_dir
@@ -74,7 +74,8 @@ class Api:
                 raise
             except ServiceError as exc:
                 self.metrics.rejected(exc.code)
-                LOG.info("Refused %s %s: %s (%s)", bottle.request.method, bottle.request.path, exc.message, exc.code)
+                LOG.info("Refused %s %s: %s (%s)%s", bottle.request.method, bottle.request.path, exc.message, exc.code,
+                         f"; {exc.detail}" if getattr(exc, "detail", None) else "")
                 headers = {}
                 if exc.code == "QUEUE_FULL":
                     headers["Retry-After"] = str(self._retry_after_s())
@@ -289,6 +290,8 @@ class Api:
                 except ImageError as exc:
                     upload.discard()
                     self.metrics.rejected(exc.code)
+                    LOG.info("Refused %r in a batch: %s (%s)%s", upload.filename[:100], exc.message, exc.code,
+                             f"; {exc.detail}" if exc.detail else "")
                     rejected.append({"filename": upload.filename, "error": exc.message, "code": exc.code,
                                      "index": index})
                     first_error = first_error or exc
@@ -299,7 +302,11 @@ class Api:
                 assert first_error is not None
                 return self._error(first_error.status, "No file in the batch could be accepted",
                                    first_error.code, rejected=rejected)
-            positions = self._enqueue(staged)
+            try:
+                positions = self._enqueue(staged)
+            except QueueFull:
+                staged, indexes = self._fit_queue(staged, indexes, rejected)
+                positions = self._enqueue(staged)  # full again (a race): 503 for all, as before
         except BaseException:
             form.discard()
             raise
@@ -313,6 +320,22 @@ class Api:
             "message": f"{len(staged)} image(s) queued" + (f", {len(rejected)} rejected" if rejected else ""),
             "statusUrl": f"/api/batch/{batch_id}",
         })
+
+    def _fit_queue(self, staged: list[tuple[NewJob, UploadedFile]], indexes: list[int],
+                   rejected: list[dict[str, Any]]) -> tuple[list[tuple[NewJob, UploadedFile]], list[int]]:
+        """A batch larger than the room left in the queue: keep what fits and
+        list the rest under ``rejected`` with QUEUE_FULL (a retry of the whole
+        batch could never succeed). No room at all: QueueFull (503) as usual."""
+        free = self.cfg.max_queue_size - self.queue.stats()["currentQueueSize"]
+        if free <= 0:
+            raise QueueFull(f"The queue is full ({self.cfg.max_queue_size} jobs waiting); try again later")
+        for (job, upload), index in zip(staged[free:], indexes[free:]):
+            upload.discard()
+            self.metrics.rejected("QUEUE_FULL")
+            rejected.append({"filename": upload.filename, "code": "QUEUE_FULL", "index": index,
+                             "error": f"The queue had room for {free} of the {len(staged)} files; send this one again later"})
+        rejected.sort(key=lambda r: r["index"])
+        return staged[:free], indexes[:free]
 
     # -- jobs ---------------------------------------------------------------------------
     def _job_view(self, job: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from . import config as config_mod
 from . import db, log
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+CHECKED = "IMGWORKER_SETTINGS_CHECKED"  # set by serve for its children
 
 
 def _quality(raw: str) -> int:
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgworker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     log.setup(cfg.log_level)
+    if not os.environ.get(CHECKED):  # serve's halves load the same settings: said once, by serve
+        for warning in cfg.warnings:
+            print(f"imgworker: warning: {warning}", file=sys.stderr)
     try:
         return COMMANDS[args.command](cfg, args)
     except config_mod.ConfigError as exc:  # e.g. an unreachable DATABASE_URL
@@ -131,7 +135,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     me = log.get("serve")
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "imgworker", name])
+        return subprocess.Popen([sys.executable, "-m", "imgworker", name], env={**os.environ, CHECKED: "1"})
 
     children = {name: start(name) for name in ("worker", "api")}
     restart_at: dict[str, float] = {}

@@ -177,6 +177,7 @@ class Config:
     """Validated settings; attribute names are the keys in lower case."""
 
     values: Mapping[str, Any]
+    warnings: tuple[str, ...] = ()  # unknown keys that look like ours (see unknown_keys)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -256,6 +257,7 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
     source: dict[str, str] = {}
     if dotenv is not None and dotenv.is_file():
         source.update(parse_dotenv(dotenv.read_text(encoding="utf-8", errors="replace")))
+    from_file = set(source)
     source.update(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     raws: dict[str, str] = {}
@@ -278,12 +280,40 @@ def load(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
             f"bad value for RETRY_MAX_DELAY_MS: {raws['RETRY_MAX_DELAY_MS']!r} "
             f"(must not be below RETRY_BASE_DELAY_MS={values['RETRY_BASE_DELAY_MS']!r})"
         )
-    return Config(values)
+    return Config(values, unknown_keys(from_file, set(source) - from_file))
+
+
+# Prefixes of our keys: an unknown .env key starting with one is surely a typo.
+OUR_PREFIXES = ("MAX_", "JOB_", "RATE_LIMIT_", "MEMORY_", "RETRY_", "WORKER_", "BATCH_", "CLEANUP_",
+                "COMPRESSION_", "SHUTDOWN_", "DATABASE_", "OUTPUT_", "SUPPORTED_", "CORS_", "TRUST_")
+
+
+def unknown_keys(file_keys: set[str], env_keys: set[str]) -> tuple[str, ...]:
+    """Warnings for keys that look like ours but are not (a misspelt
+    ``MAX_CONCURENT_JOBS`` would otherwise be ignored without a word): keys
+    of the .env file with one of our prefixes or close to a known name, and
+    environment variables close to a known name (the environment holds many
+    other programs' variables)."""
+    import difflib
+
+    known = [name for name, *_ in SETTINGS]
+    out = []
+    for key in sorted(file_keys | env_keys):
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if key in file_keys and (close or key.startswith(OUR_PREFIXES)):
+            out.append(f"unknown setting {key} in .env is ignored"
+                       + (f"; did you mean {close[0]}?" if close else ""))
+        elif key in env_keys and close:
+            out.append(f"unknown setting {key} in the environment is ignored; did you mean {close[0]}?")
+    return tuple(out)
 
 
 def changes(old: Config, new: Config) -> list[str]:
     """``KEY old -> new`` for each setting that differs (for the reload log line)."""
-    return [f"{name} {old.values[name]!r} -> {new.values[name]!r}"
+    show = lambda v: mask_password(v) if isinstance(v, str) else v  # noqa: E731
+    return [f"{name} {show(old.values[name])!r} -> {show(new.values[name])!r}"
             for name, *_ in SETTINGS if old.values[name] != new.values[name]]
 
 

@@ -50,11 +50,14 @@ IMAGE_STATUS = {
 class ImageError(ServiceError):
     """The pipeline refused or could not process an image.
 
+    ``message`` is for the user (what is wrong with the file, in their
+    words); ``detail`` (decoder exception, paths) goes to the log only.
     ``transient`` is true only for failures that may pass on a second try
     (I/O errors); a decode error is never transient, because a second load()
     of a broken stream can "succeed" with a partial image.
     """
 
-    def __init__(self, code: str, message: str, transient: bool = False):
+    def __init__(self, code: str, message: str, transient: bool = False, detail: str | None = None):
         super().__init__(message, code=code, status=IMAGE_STATUS.get(code, 422))
         self.transient = transient
+        self.detail = detail  # for the log only: may name server paths, decoder internals

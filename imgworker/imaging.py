@@ -138,7 +138,8 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
         with open(path, "rb") as fh:
             head = fh.read(32)
     except OSError as exc:
-        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
+        raise ImageError("IO_ERROR", "The upload could not be read on the server", transient=True,
+                         detail=_why(exc)) from None
     if not head:
         raise ImageError("INVALID_IMAGE", "The file is empty")
     kind = sniff(head)
@@ -154,7 +155,8 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
     except Image.DecompressionBombError:
         raise ImageError("IMAGE_TOO_LARGE", f"The image exceeds {limits.max_input_pixels:,} pixels") from None
     except Exception as exc:
-        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt or truncated ({_why(exc)})") from None
+        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt or truncated",
+                         detail=_why(exc)) from None
     try:
         width, height = im.size
         _pixel_check(width, height, limits)
@@ -179,7 +181,7 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
         raise
     except Exception as exc:
         im.close()
-        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt ({_why(exc)})") from None
+        raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt", detail=_why(exc)) from None
 
 
 def probe(path: Path | str, limits: Limits) -> Probe:
@@ -312,7 +314,8 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
     try:
         input_size = src.stat().st_size
     except OSError as exc:
-        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
+        raise ImageError("IO_ERROR", "The upload could not be read on the server", transient=True,
+                         detail=_why(exc)) from None
     box_w = min(int(options.get("maxWidth") or limits.max_width), limits.max_width)
     box_h = min(int(options.get("maxHeight") or limits.max_height), limits.max_height)
     quality = int(options.get("quality") or limits.quality)
@@ -333,7 +336,8 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
             except MemoryError:
                 raise ImageError("IMAGE_TOO_LARGE", "The image needs more memory than the worker has") from None
             except Exception as exc:
-                raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated ({_why(exc)})") from None
+                raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated",
+                                 detail=_why(exc)) from None
             try:
                 data = _encode(frames, durations, loop, fmt, quality)
             except MemoryError:
@@ -401,7 +405,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise ImageError("IO_ERROR", f"Could not write the output: {exc.strerror or exc}", transient=True) from None
+        raise ImageError("IO_ERROR", "The result could not be written on the server", transient=True,
+                         detail=_why(exc)) from None
 
 
 # --- "never make an image worse for nothing": lossless metadata stripping ---

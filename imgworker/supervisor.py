@@ -442,6 +442,8 @@ class Supervisor:
             if following is not None:
                 self.start_job(w, following)
         else:
+            if msg.get("detail"):  # decoder internals and paths: for the operator, not the client
+                LOG.info("Failure detail: %s", msg["detail"], extra={"job": job["id"]})
             self.settle_failure(job, msg["code"], msg["message"], bool(msg.get("transient")))
         if over_rss:
             LOG.warning("Worker %d uses %d MB (limit %d MB): replacing it", w.pid, w.rss_mb, self.cfg.worker_max_rss_mb)

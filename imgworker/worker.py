@@ -94,13 +94,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         result = process(job["input"], job["outDir"], job["id"], options, Limits(**job["limits"]), job["name"])
         return {"id": job["id"], "ok": True, "result": result}
     except ImageError as exc:
-        return {"id": job["id"], "ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient}
+        return {"id": job["id"], "ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient,
+                "detail": exc.detail}
     except MemoryError:
         return {"id": job["id"], "ok": False, "code": "OUT_OF_MEMORY",
                 "message": "The worker ran out of memory processing this image", "transient": True}
     except Exception as exc:  # a bug, not the image's fault: report it, keep the worker
+        import traceback
+
         return {"id": job["id"], "ok": False, "code": "PROCESSING_ERROR",
-                "message": f"Processing failed: {type(exc).__name__}: {exc}"[:300], "transient": False}
+                "message": "The image could not be processed (a server error; the operator can see it in the log)",
+                "transient": False, "detail": traceback.format_exc(limit=4)[-1500:]}
 
 
 def _cap_memory(max_mb: int) -> None:

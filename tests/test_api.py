@@ -286,3 +286,20 @@ def test_health_503_when_the_database_fails(api_server):
     r = http.get("/api/health")
     assert r.status == 503 and r.json["status"] == "unavailable" and "database" in r.json["reason"]
     assert "Traceback" not in r.body.decode()
+
+
+def test_batch_larger_than_the_room_left_keeps_what_fits(api_server):
+    """Bug 8: a batch larger than the free queue is not a 503 that no retry
+    can cure: what fits is queued, the rest listed under rejected (QUEUE_FULL)."""
+    http, api = api_server(MAX_QUEUE_SIZE=3)
+    files = [("images", f"f{i}.png", image_bytes("PNG", (20 + i, 20))) for i in range(5)]
+    r = http.upload("/api/process/batch", files=files)
+    assert r.status == 202, r.json
+    assert [j["filename"] for j in r.json["jobs"]] == ["f0.png", "f1.png", "f2.png"]
+    assert [(x["filename"], x["code"], x["index"]) for x in r.json["rejected"]] == [
+        ("f3.png", "QUEUE_FULL", 3), ("f4.png", "QUEUE_FULL", 4)]
+    assert "room for 3 of the 5" in r.json["rejected"][0]["error"]
+    assert not list(api.storage.tmp.iterdir()) and len(list(api.storage.uploads.iterdir())) == 3
+    r = http.upload("/api/process/batch", files=files[:2])  # no room at all: 503 with Retry-After
+    assert r.status == 503 and r.json["code"] == "QUEUE_FULL" and r.getheader("Retry-After")
+    assert not list(api.storage.tmp.iterdir()) and len(list(api.storage.uploads.iterdir())) == 3

@@ -94,3 +94,22 @@ def test_cli_exits_2_naming_the_key(tmp_path):
                           env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path), "MAX_QUEUE_SIZE": "lots"})
     assert proc.returncode == 2
     assert "MAX_QUEUE_SIZE" in proc.stderr and "'lots'" in proc.stderr
+
+
+def test_unknown_keys_that_look_like_ours_are_warned_about(tmp_path):
+    """Bug 12: a misspelt .env key is not silently ignored; the seed .env and
+    unrelated environment variables give no warning."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(SEED_ENV + "MAX_CONCURENT_JOBS=9\nJOB_TIMOUT=5\nVITE_API_URL=http://x\n")
+    cfg = config.load({"MAX_RETRYS": "2", "HOME": "/root", "JOB_ID": "ci-42"}, dotenv=env_file)
+    assert cfg.warnings == (
+        "unknown setting JOB_TIMOUT in .env is ignored",
+        "unknown setting MAX_CONCURENT_JOBS in .env is ignored; did you mean MAX_CONCURRENT_JOBS?",
+        "unknown setting MAX_RETRYS in the environment is ignored; did you mean MAX_RETRIES?",
+    )
+    env_file.write_text(SEED_ENV)
+    assert config.load({"PATH": "/bin"}, dotenv=env_file).warnings == ()
+    (tmp_path / ".env").write_text("MAX_CONCURENT_JOBS=9\n")
+    r = subprocess.run([sys.executable, "-m", "imgworker", "migrate", "--status"], cwd=tmp_path,
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path / "d")})
+    assert r.returncode == 0 and "warning: unknown setting MAX_CONCURENT_JOBS in .env" in r.stderr
