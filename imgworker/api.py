@@ -18,6 +18,7 @@ import mimetypes
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -28,14 +29,19 @@ import bottle
 
 from . import config as config_mod
 from . import imaging, log, wakeup
+from . import server as server_mod
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
-from .http import JOB_ID, Metrics, RateLimiter, body_limit, json_error, pool_summary, secure
+from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, creates_work, json_error, secure
+from .metrics import Metrics, pool_summary
+from .ratelimit import RateLimiter
+from .server import Refusal, RequestHead, free_bytes
 from .queue import JobQueue, NewJob
 from .storage import Storage, fsync_dir
 from .uploads import Form, UploadedFile, read_form
 
 LOG = log.get("api")
 HEALTH_STALE_MS = 5000
+RATE_LIMITED_TEXT = "Too many requests from this address; try again later"
 DRAIN_S = 10  # on SIGTERM, in-flight requests get this long to finish
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -135,17 +141,40 @@ class Api:
 
         return handler
 
+    # -- admission: decided on the request headers, before the body is read ----------
+    def admit(self, head: RequestHead) -> Refusal | None:
+        """Refuse a work-creating request whose client has nothing left in
+        its rate-limit window, and an upload the disk has no room for.
+        Called by the server's I/O thread: only in-memory and statvfs work."""
+        if not creates_work(head.method, head.path):
+            return None
+        key = client_key(head.peer, head.headers.get("X_FORWARDED_FOR"), self.cfg.trust_proxy)
+        blocked = self.ratelimit.blocked(key)
+        if blocked is not None:
+            return Refusal(429, "Too Many Requests", "RATE_LIMITED", RATE_LIMITED_TEXT,
+                           {"Retry-After": blocked["RateLimit-Reset"], **blocked})
+        if head.path in UPLOAD_PATHS:
+            need = head.content_length if head.content_length is not None else body_limit(
+                head.method, head.path, self.cfg)
+            free = free_bytes(str(self.storage.root), tempfile.gettempdir())
+            if free - need < self.cfg.min_free_disk_mb * 2**20:
+                LOG.warning("Upload refused: %d MB free, MIN_FREE_DISK_MB=%d", free // 2**20,
+                            self.cfg.min_free_disk_mb)
+                return Refusal(507, "Insufficient Storage", "INSUFFICIENT_STORAGE",
+                               "The server is low on disk space; try again later", {"Retry-After": "60"})
+        return None
+
     # -- uploads ----------------------------------------------------------------------
-    def _count_request(self) -> None:
-        """Count a work-creating request against the client's rate limit.
-        The client address is REMOTE_ADDR: Waitress sets it from
-        X-Forwarded-For only when TRUST_PROXY is on (see make_server)."""
-        allowed, headers = self.ratelimit.hit(bottle.request.environ.get("REMOTE_ADDR", "?"))
+    def _take(self, wanted: int) -> int:
+        """Count ``wanted`` jobs against the client's rate limit; how many
+        fit (429 when none does). The client address is REMOTE_ADDR:
+        Waitress sets it from X-Forwarded-For only with TRUST_PROXY."""
+        granted, headers = self.ratelimit.take(bottle.request.environ.get("REMOTE_ADDR", "?"), wanted)
         bottle.request.environ["imgworker.headers"] = headers
-        if not allowed:
+        if not granted:
             self.metrics.rejected("RATE_LIMITED")
-            raise self._error(429, "Too many requests from this address; try again later", "RATE_LIMITED",
-                              {"Retry-After": headers["RateLimit-Reset"]})
+            raise self._error(429, RATE_LIMITED_TEXT, "RATE_LIMITED", {"Retry-After": headers["RateLimit-Reset"]})
+        return granted
 
     def _options(self, fields: dict[str, str]) -> tuple[int, dict[str, Any]]:
         def integer(name: str, lo: int, hi: int) -> int | None:
@@ -156,7 +185,9 @@ class Api:
                 raise InvalidParameter(f"'{name}' must be a whole number from {lo} to {hi} (got {raw[:30]!r})")
             return int(raw)
 
-        priority = integer("priority", -1000, 1000) or 0
+        # a client may lower its jobs' priority freely but raise it only to
+        # MAX_CLIENT_PRIORITY: no anonymous client jumps everyone else
+        priority = min(integer("priority", -1000, 1000) or 0, self.cfg.max_client_priority)
         options: dict[str, Any] = {}
         fmt = fields.get("format", "").strip().lower()
         if fmt:
@@ -171,15 +202,8 @@ class Api:
         return priority, options
 
     def _read(self, file_fields: tuple[str, ...], max_files: int) -> Form:
-        env = bottle.request.environ
-        limit = body_limit(env.get("PATH_INFO", ""), self.cfg)
-        try:
-            declared = int(env.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            declared = 0
-        if limit is not None and declared > limit:
-            raise ImageError("FILE_TOO_LARGE", self._too_large_text())
-        return read_form(env, self.storage.tmp, file_fields, self.cfg.max_file_bytes, max_files)
+        """The parsed body (its size was held to the route's limit by the server)."""
+        return read_form(bottle.request.environ, self.storage.tmp, file_fields, self.cfg.max_file_bytes, max_files)
 
     def _too_large_text(self) -> str:
         return f"The file is larger than the {self.cfg.max_file_size_mb:g} MB limit"
@@ -249,11 +273,11 @@ class Api:
         return max(1, min(60, math.ceil(per_slot)))
 
     def process_single(self) -> bottle.HTTPResponse:
-        self._count_request()
         form = self._read(("image",), 1)
         try:
             if not form.files:
                 raise ServiceError("No file uploaded: send the image in the multipart field 'image'", "NO_FILE", 400)
+            self._take(1)
             priority, options = self._options(form.fields)
             upload = form.files[0]
             info = self._check(upload)
@@ -273,7 +297,6 @@ class Api:
         })
 
     def process_batch(self) -> bottle.HTTPResponse:
-        self._count_request()
         form = self._read(("images", "image"), self.cfg.batch_max_files)
         staged: list[tuple[NewJob, UploadedFile]] = []
         rejected: list[dict[str, Any]] = []
@@ -281,17 +304,20 @@ class Api:
             if not form.files:
                 raise ServiceError("No files uploaded: send the images in the multipart field 'images'", "NO_FILE", 400)
             priority, options = self._options(form.fields)
+            granted = self._take(len(form.files))  # each file is a job: a batch of N counts N
             batch_id = uuid.uuid4().hex
             first_error: ServiceError | None = None
             indexes = []
             for index, upload in enumerate(form.files):
                 try:
+                    if index >= granted:
+                        raise ServiceError(RATE_LIMITED_TEXT, "RATE_LIMITED", 429)
                     info = self._check(upload)
-                except ImageError as exc:
+                except ServiceError as exc:
                     upload.discard()
                     self.metrics.rejected(exc.code)
                     LOG.info("Refused %r in a batch: %s (%s)%s", upload.filename[:100], exc.message, exc.code,
-                             f"; {exc.detail}" if exc.detail else "")
+                             f"; {exc.detail}" if getattr(exc, "detail", None) else "")
                     rejected.append({"filename": upload.filename, "error": exc.message, "code": exc.code,
                                      "index": index})
                     first_error = first_error or exc
@@ -375,7 +401,7 @@ class Api:
         return self._json(200, {"success": True, "jobId": job_id, "status": "cancelled"})
 
     def retry_job(self, job_id: str) -> bottle.HTTPResponse:
-        self._count_request()
+        self._take(1)
         self._find(job_id)
         self.queue.retry(job_id, self.cfg.max_queue_size)
         wakeup.notify(self.cfg.database_path)
@@ -480,28 +506,11 @@ class Api:
         return response
 
 
-def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None = None) -> Any:
-    """A Waitress server for the API, with the per-endpoint body limits
-    enforced on the headers, before any of the body is read."""
-    from waitress.server import create_server
-
-    from .http import limited_channel
-
+def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None = None) -> server_mod.Server:
+    """The hardened Waitress server for the API (see imgworker.server),
+    listening on HOST:PORT (``port`` overrides); ``server.api`` is the app."""
     api = api or Api(cfg)
-    batch_limit = body_limit("/api/process/batch", cfg) or 0
-    server = create_server(
-        api.wsgi, host=cfg.host, port=cfg.port if port is None else port,
-        # uploads are received by waitress's I/O thread; handlers mostly wait
-        # on disk and SQLite, so a few more threads than cores keeps polls fast
-        threads=8, connection_limit=200, channel_timeout=60, cleanup_interval=15,
-        max_request_body_size=batch_limit + 1, ident="imgworker", expose_tracebacks=False,
-        clear_untrusted_proxy_headers=True,
-        # Behind a proxy (TRUST_PROXY) the client is the last X-Forwarded-For
-        # hop; otherwise the header is dropped, so clients cannot spoof it.
-        **({"trusted_proxy": "*", "trusted_proxy_count": 1, "trusted_proxy_headers": {"x-forwarded-for"}}
-           if cfg.trust_proxy else {}),
-    )
-    server.channel_class = limited_channel(cfg)
+    server = server_mod.build(api.wsgi, cfg, api.admit, api.metrics, port)
     server.api = api
     return server
 
@@ -509,7 +518,8 @@ def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None
 # Settings the API reads once at start (the listening socket, the limits
 # built into the server and the middleware); the rest take effect on SIGHUP.
 START_ONLY = ("HOST", "PORT", "DATA_DIR", "DATABASE_PATH", "RATE_LIMIT_WINDOW_MS", "RATE_LIMIT_MAX_REQUESTS",
-              "CORS_ORIGINS", "TRUST_PROXY", "NODE_ENV", "APP_ENV", "MAX_FILE_SIZE_MB", "BATCH_MAX_FILES")
+              "CORS_ORIGINS", "TRUST_PROXY", "NODE_ENV", "APP_ENV", "MAX_FILE_SIZE_MB", "BATCH_MAX_FILES",
+              "MAX_CONNECTIONS")
 
 
 def _reload(api: Api) -> None:
@@ -525,7 +535,7 @@ def _reload(api: Api) -> None:
     values = {**cfg.values, **{k: api.cfg.values[k] for k in START_ONLY if k in api.cfg.values}}
     api.cfg = config_mod.Config(values)
     api.limits = imaging.Limits.from_config(api.cfg)
-    log.setup(api.cfg.log_level)
+    log.setup(api.cfg.log_level, api.cfg.log_format)
     LOG.info("Settings reloaded: %s", "; ".join(changed) if changed else "nothing changed")
     later = [c.split()[0] for c in changed if c.split()[0] in START_ONLY]
     if later:
@@ -557,27 +567,15 @@ def run(cfg: config_mod.Config) -> int:
     LOG.info("Image Processing Server running on http://%s:%s", cfg.host, server.effective_port)
     LOG.info("Max concurrent jobs: %d", cfg.max_concurrent_jobs)
     LOG.info("Job timeout: %dms", cfg.job_timeout_ms)
-    from waitress import wasyncore
-
     while not stop.is_set():
-        wasyncore.loop(timeout=0.2, map=server._map, count=1)
+        server.poll(0.2)
         if hup.is_set():
             hup.clear()
             _reload(api)
+            server.edge.cfg = api.cfg  # deadlines and per-client limits follow the reload
     LOG.info("Stopping: finishing in-flight requests")
-    server.accepting = False
-    server.del_channel()  # stop listening; existing channels keep their map entries
-    server.socket.close()
-    deadline = time.monotonic() + DRAIN_S
-
-    def busy(ch: Any) -> bool:
-        # a request being received (`request`), queued or running (`requests`),
-        # or an answer not yet sent; idle keep-alive connections do not count
-        return bool(getattr(ch, "request", None) or getattr(ch, "requests", None)
-                    or getattr(ch, "total_outbufs_len", 0))
-
-    while time.monotonic() < deadline and any(busy(ch) for ch in list(server._map.values())):
-        wasyncore.loop(timeout=0.05, map=server._map, count=1)
+    server.stop_listening()
+    server.drain(DRAIN_S)
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
     api.queue.close()
     LOG.info("API stopped")

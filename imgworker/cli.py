@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"imgworker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    log.setup(cfg.log_level)
+    log.setup(cfg.log_level, cfg.log_format)
     if not os.environ.get(CHECKED):  # serve's halves load the same settings: said once, by serve
         for warning in cfg.warnings:
             print(f"imgworker: warning: {warning}", file=sys.stderr)

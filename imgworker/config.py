@@ -21,6 +21,7 @@ FORMATS = ("jpeg", "png", "webp", "gif")
 OUTPUT_FORMATS = ("webp", "jpeg", "png", "original")
 ENVIRONMENTS = ("development", "production", "test")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -169,6 +170,19 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("SHUTDOWN_TIMEOUT_MS", _int(0), "30000", "graceful-stop budget for running jobs"),
     ("TRUST_PROXY", _bool, "false", "take the client IP from X-Forwarded-For (only behind a proxy)"),
     ("LOG_LEVEL", _choice(LOG_LEVELS), "info", "debug, info, warning or error"),
+    ("LOG_FORMAT", _choice(LOG_FORMATS), "text", "text (one line per event) or json (one object per line)"),
+    # --- the HTTP edge: one client must not take the API down (README, "Hostile clients") ---
+    ("MAX_CONNECTIONS", _int(16, 100000), "1000",
+     "open connections the API holds; at the limit the longest-idle one not being answered is closed for a new one"),
+    ("MAX_CONNECTIONS_PER_CLIENT", _int(1, 100000), "32",
+     "open connections per client address; more are answered 503 and closed (not applied with TRUST_PROXY)"),
+    ("HEADER_TIMEOUT_MS", _int(100), "10000",
+     "a request's headers must arrive within this (408 otherwise); also how long an idle connection stays open"),
+    ("BODY_MIN_BYTES_PER_S", _int(1), "8192",
+     "a request body arriving slower than this on average (after HEADER_TIMEOUT_MS) is cut off with 408"),
+    ("MIN_FREE_DISK_MB", _int(0), "256",
+     "uploads get 507 with Retry-After while less than this plus the upload is free for DATA_DIR or the temp dir"),
+    ("MAX_CLIENT_PRIORITY", _int(-1000, 1000), "10", "highest priority a client may set; higher asks are lowered to it"),
 )
 
 

@@ -140,7 +140,7 @@ class Supervisor:
         self.limits = Limits.from_config(cfg)
         self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms)
         self.lease_ms = cfg.job_timeout_ms + LEASE_GRACE_MS
-        log.setup(cfg.log_level)
+        log.setup(cfg.log_level, cfg.log_format)
 
     # -- life cycle ------------------------------------------------------------------
     def run(self) -> int:

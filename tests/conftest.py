@@ -210,14 +210,11 @@ def api_server(make_config):
     from helpers import Http
     from imgworker.api import make_server
 
-    from waitress import wasyncore
-
     running = []
 
     def serve(server, stop):
-        while not stop.is_set():
-            wasyncore.loop(timeout=0.05, map=server._map, count=1)
-        server.close()  # in the loop's own thread: no select on a closed socket
+        server.serve_until(stop, timeout=0.05)
+        server.close()  # in the loop's own thread: no poll on a closed socket
 
     def start(**overrides):
         cfg = make_config(**overrides)

@@ -48,7 +48,9 @@ EVERY_KEY = {
     "MAX_INPUT_PIXELS": ("1000000", 1000000), "MAX_FRAMES": ("10", 10), "MAX_ANIMATION_PIXELS": ("5000000", 5000000),
     "BATCH_MAX_FILES": ("5", 5), "OUTPUT_FORMAT": ("jpeg", "jpeg"), "MEMORY_PAUSE_PERCENT": ("70", 70.0),
     "MEMORY_RESUME_PERCENT": ("60", 60.0), "WORKER_MAX_RSS_MB": ("512", 512), "SHUTDOWN_TIMEOUT_MS": ("5000", 5000),
-    "TRUST_PROXY": ("yes", True), "LOG_LEVEL": ("DEBUG", "debug"),
+    "TRUST_PROXY": ("yes", True), "LOG_LEVEL": ("DEBUG", "debug"), "LOG_FORMAT": ("JSON", "json"),
+    "MAX_CONNECTIONS": ("2000", 2000), "MAX_CONNECTIONS_PER_CLIENT": ("8", 8), "HEADER_TIMEOUT_MS": ("5000", 5000),
+    "BODY_MIN_BYTES_PER_S": ("1024", 1024), "MIN_FREE_DISK_MB": ("64", 64), "MAX_CLIENT_PRIORITY": ("5", 5),
 }
 
 
@@ -80,6 +82,7 @@ def test_seed_env_loads_unchanged_and_environment_wins(tmp_path):
     ("PORT", "abc"), ("PORT", "70000"), ("MAX_CONCURRENT_JOBS", "0"), ("COMPRESSION_QUALITY", "1.5"),
     ("COMPRESSION_QUALITY", "0.05"), ("SUPPORTED_FORMATS", "jpeg,bmp"), ("OUTPUT_FORMAT", "avif"),
     ("TRUST_PROXY", "maybe"), ("CORS_ORIGINS", "not an origin"), ("LOG_LEVEL", "loud"),
+    ("LOG_FORMAT", "xml"), ("MAX_CONNECTIONS", "3"), ("HEADER_TIMEOUT_MS", "5"),
     ("MEMORY_RESUME_PERCENT", "95"), ("MAX_FILE_SIZE_MB", "-1"), ("NODE_ENV", "staging"),
     ("DATABASE_URL", "sqlite:///x.db"), ("DATABASE_URL", "postgresql://host-only"),
 ])

@@ -1,0 +1,402 @@
+"""The API's Waitress server, hardened at the edge (issue 15 items 1, 2, 3, 6).
+
+Waitress reads every request in one I/O thread (an asyncore loop) and hands
+a request to a worker thread only once its headers *and whole body* have
+arrived. Its own defences are a total connection limit (at which it stops
+accepting: one client holding that many slow sockets locks everyone out), an
+inactivity timeout that a client resets with one byte every few seconds, and
+one body limit for every path. This module subclasses the three pieces whose
+behaviour we need to change, and only through their documented hooks
+(``parser_class``, ``error_task_class``, ``channel_class``, ``handle_accept``,
+``maintenance``), so the changes are in one place:
+
+* :class:`Parser` decides from the request headers, before any body byte is
+  buffered: routes that take no body refuse one (413), an upload whose
+  Content-Length is over its route's limit gets 413, and the API's admission
+  check (rate limit, free disk) may refuse it. While a body arrives, chunked
+  or not, the route's limit holds on the bytes read so far.
+* :class:`Channel` records when a request started and when its headers
+  ended, so that :meth:`Server.maintenance` can cut off a client whose
+  headers take longer than HEADER_TIMEOUT_MS or whose body arrives slower
+  than BODY_MIN_BYTES_PER_S (408), and close connections idle that long.
+* :class:`Server` counts connections per client address and answers a
+  client over MAX_CONNECTIONS_PER_CLIENT with 503 at once; at MAX_CONNECTIONS
+  it closes the connection that has made no request progress the longest
+  (a slow or idle one: never one being answered) to admit the new one,
+  instead of ceasing to accept, so a fresh client is always served.
+* :class:`JsonErrorTask` writes every error Waitress produces itself (bad
+  request line, bad or duplicate Content-Length, 431, 413, 501, 500) as the
+  contract's JSON with the same security headers as the application.
+
+The loop uses poll(), not select(): select() cannot watch a descriptor
+numbered 1024 or more, which MAX_CONNECTIONS sockets reach.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask
+from waitress.utilities import Error
+
+from . import config as config_mod
+from . import log
+from .http import body_limit, json_error, security_headers
+from .metrics import Metrics
+
+LOG = log.get("api")
+FD_HEADROOM = 256  # database, log, upload temp files, worker threads
+# Waitress' own error classes by status -> the contract's code
+WAITRESS_CODES = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "FILE_TOO_LARGE",
+                  431: "HEADERS_TOO_LARGE", 500: "INTERNAL_ERROR", 501: "NOT_IMPLEMENTED"}
+
+
+class Refusal(Error):
+    """A request refused from its headers or while its body arrives: a
+    Waitress error (so the channel answers it at once and closes) carrying
+    the contract's code and extra response headers."""
+
+    def __init__(self, status: int, reason: str, code: str, message: str,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.code, self.reason = status, reason
+        self.json_code = code
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """What the admission check sees: the request line, headers (Waitress'
+    upper-case, underscore names) and the peer address."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    peer: str
+    content_length: int | None  # None when chunked
+
+
+Admit = Callable[[RequestHead], "Refusal | None"]
+
+
+@dataclass
+class Edge:
+    """The server's policy: settings, the API's admission check, metrics."""
+
+    cfg: config_mod.Config
+    admit: Admit
+    metrics: Metrics
+    max_connections: int = 0  # effective (may be lowered to fit the descriptor limit)
+
+
+def error_response(status: int, reason: str, code: str, message: str, path: str, cfg: config_mod.Config,
+                   headers: dict[str, str] | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status line, headers, body) of a JSON error written by the server."""
+    body, hdrs = json_error(status, message, code)
+    data = body.encode()
+    out = list(hdrs.items()) + security_headers(path, cfg) + list((headers or {}).items())
+    return f"{status} {reason}", out + [("Content-Length", str(len(data)))], data
+
+
+def raw_response(status: int, reason: str, code: str, message: str, cfg: config_mod.Config,
+                 headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for the places
+    that answer without a request task (connection refusal, timeouts)."""
+    line, hdrs, data = error_response(status, reason, code, message, "", cfg, headers)
+    head = "".join(f"{k}: {v}\r\n" for k, v in hdrs + [("Connection", "close")])
+    return f"HTTP/1.1 {line}\r\n{head}\r\n".encode("latin-1") + data
+
+
+class JsonErrorTask(ErrorTask):
+    """Every error Waitress answers itself, as JSON with the security headers."""
+
+    def execute(self) -> None:
+        e = self.request.error
+        edge: Edge = self.channel.server.edge
+        code = getattr(e, "json_code", None) or WAITRESS_CODES.get(e.code, "BAD_REQUEST")
+        message = str(e.body)[:300]
+        if e.code == 413 and code == "FILE_TOO_LARGE":
+            message = f"The upload is larger than the {edge.cfg.max_file_size_mb:g} MB limit"
+        path = getattr(self.request, "path", "") or ""
+        status, headers, body = error_response(e.code, e.reason, code, message, path, edge.cfg,
+                                               getattr(e, "headers", None))
+        self.status = status
+        self.response_headers.extend(headers)
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        edge.metrics.request(getattr(self.request, "command", "") or "", str(e.code), 0.0)
+        edge.metrics.rejected(code)
+        self.write(body)
+
+
+class Parser(HTTPRequestParser):
+    """Waitress' parser plus the per-route decisions taken on the headers
+    and the per-route body limit held while the body arrives."""
+
+    def __init__(self, adj: Any, channel: "Channel"):
+        super().__init__(adj)
+        self.channel = channel
+        self.started = time.monotonic()  # created on the request's first byte
+        self.headers_at: float | None = None
+        self.limit = 0
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)  # a ParsingError here becomes a JSON 400
+        self.headers_at = time.monotonic()
+        edge = self.channel.server.edge
+        path = self.path or ""
+        self.limit = body_limit(self.command, path, edge.cfg)
+        has_body = self.chunked or self.content_length > 0
+        if has_body and self.limit == 0:
+            self._refuse(Refusal(413, "Content Too Large", "BODY_NOT_ALLOWED",
+                                 f"{self.command} {path[:100]} takes no request body"))
+        elif self.content_length > self.limit:
+            self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
+        else:
+            head = RequestHead(self.command, path, self.headers, self.channel.addr[0],
+                               None if self.chunked else self.content_length)
+            refusal = edge.admit(head)
+            if refusal is not None:
+                self._refuse(refusal)
+
+    def _refuse(self, error: Error) -> None:
+        # completed with an error: the channel queues an error task, stops
+        # reading, answers and closes; the body is never buffered
+        self.error = error
+        self.completed = True
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.body_rcv is not None and self.error is None and self.body_bytes_received > self.limit:
+            # chunked bodies have no Content-Length to refuse up front: the
+            # limit holds on what has arrived, within one read of it
+            self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
+        return consumed
+
+
+class Channel(HTTPChannel):
+    """One client connection, with the timestamps the deadlines need."""
+
+    error_task_class = JsonErrorTask
+
+    def __init__(self, server: "Server", sock: socket.socket, addr: Any, adj: Any, map: dict | None = None):
+        # every parser Waitress creates for this connection knows it
+        self.parser_class = functools.partial(Parser, channel=self)
+        self.idle_since = time.monotonic()
+        super().__init__(server, sock, addr, adj, map=map)
+
+    def service(self) -> None:
+        super().service()
+        self.idle_since = time.monotonic()
+
+    def busy(self) -> bool:
+        """A request being received, queued or running, or an answer not yet
+        sent; an idle keep-alive connection is not busy."""
+        return bool(self.request or self.requests or self.total_outbufs_len)
+
+    def progress_since(self) -> float:
+        """When this connection last made request progress: the start of
+        the request being received, or the end of the last one."""
+        request = self.request
+        return request.started if isinstance(request, Parser) else self.idle_since
+
+    def check_deadlines(self, now: float, header_s: float, min_rate: float) -> None:
+        """Cut off a client too slow with its headers or body (408), close a
+        connection idle longer than the header deadline. A request being
+        answered is never cut here."""
+        if self.requests or self.will_close or self.close_when_flushed:
+            return
+        request = self.request
+        if not isinstance(request, Parser):
+            if now - self.idle_since > header_s:
+                self.will_close = True
+        elif request.headers_at is None:
+            if now - request.started > header_s:
+                self._time_out("The request headers did not arrive in time")
+        else:
+            elapsed = now - request.headers_at
+            if elapsed > header_s and request.body_bytes_received < min_rate * elapsed:
+                self._time_out("The request body is arriving too slowly")
+
+    def _time_out(self, message: str) -> None:
+        edge: Edge = self.server.edge
+        edge.metrics.rejected("REQUEST_TIMEOUT")
+        # best effort: the socket is not waiting on any task output here
+        self.send(raw_response(408, "Request Timeout", "REQUEST_TIMEOUT", message, edge.cfg))
+        self.will_close = True
+
+    def del_channel(self, map: dict | None = None) -> None:
+        self.server.forget(self)
+        super().del_channel(map)
+
+
+class Server(TcpWSGIServer):
+    """The listening socket: per-client connection limit and eviction of the
+    least active connection at the total limit (see the module docstring)."""
+
+    channel_class = Channel
+
+    def __init__(self, application: Callable, edge: Edge, **kw: Any):
+        self.edge = edge
+        self.socket_map: dict[int, Any] = {}
+        self.per_client: Counter = Counter()
+        self._counted: set[int] = set()
+        self._lock = threading.Lock()
+        super().__init__(application, map=self.socket_map, **kw)
+
+    # -- accepting ----------------------------------------------------------------------
+    def handle_accept(self) -> None:
+        try:
+            pair = self.accept()
+            if pair is None:
+                return
+            conn, addr = pair
+            self.set_socket_options(conn)
+        except OSError:  # the peer went away before we got to it
+            return
+        addr = self.fix_addr(addr)
+        client = addr[0]
+        cfg = self.edge.cfg
+        if not cfg.trust_proxy and self.per_client[client] >= cfg.max_connections_per_client:
+            self._refuse(conn, "TOO_MANY_CONNECTIONS",
+                         f"More than {cfg.max_connections_per_client} open connections from this address")
+            return
+        if len(self.active_channels) >= self.edge.max_connections:
+            victim = self._least_active()
+            if victim is None:  # every connection is being answered: a real overload
+                self._refuse(conn, "SERVER_BUSY", "The server has too many connections; try again shortly")
+                return
+            self.edge.metrics.rejected("CONNECTION_EVICTED")
+            victim.handle_close()
+        channel = self.channel_class(self, conn, addr, self.adj, map=self.socket_map)
+        with self._lock:
+            self.per_client[client] += 1
+            self._counted.add(id(channel))
+
+    def _refuse(self, conn: socket.socket, code: str, message: str) -> None:
+        self.edge.metrics.rejected(code)
+        try:
+            conn.setblocking(False)
+            conn.send(raw_response(503, "Service Unavailable", code, message, self.edge.cfg, {"Retry-After": "1"}))
+        except OSError:
+            pass
+        conn.close()
+
+    def _least_active(self) -> Channel | None:
+        idle = [ch for ch in list(self.active_channels.values()) if isinstance(ch, Channel) and not ch.requests]
+        return min(idle, key=Channel.progress_since, default=None)
+
+    def forget(self, channel: Channel) -> None:
+        """A connection closed: its client may open another."""
+        with self._lock:
+            if id(channel) in self._counted:
+                self._counted.discard(id(channel))
+                client = channel.addr[0]
+                self.per_client[client] -= 1
+                if self.per_client[client] <= 0:
+                    del self.per_client[client]
+
+    # -- deadlines ----------------------------------------------------------------------
+    def maintenance(self, now: float) -> None:
+        """Waitress' inactivity sweep (stalled readers), then our deadlines."""
+        super().maintenance(now)
+        mono = time.monotonic()
+        cfg = self.edge.cfg
+        for channel in list(self.active_channels.values()):
+            if isinstance(channel, Channel):
+                channel.check_deadlines(mono, cfg.header_timeout_ms / 1000, cfg.body_min_bytes_per_s)
+
+    # -- running ------------------------------------------------------------------------
+    def poll(self, timeout: float) -> None:
+        """One round of the I/O loop."""
+        wasyncore.loop(timeout=timeout, map=self.socket_map, use_poll=True, count=1)
+
+    def serve_until(self, stop: threading.Event, timeout: float = 0.2) -> None:
+        while not stop.is_set():
+            self.poll(timeout)
+
+    def stop_listening(self) -> None:
+        """Accept no new connection; open ones keep being served."""
+        self.accepting = False
+        self.del_channel()
+        self.socket.close()
+
+    def drain(self, seconds: float) -> None:
+        """Serve until no connection is busy or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(
+                ch.busy() for ch in list(self.socket_map.values()) if isinstance(ch, Channel)):
+            self.poll(0.05)
+
+
+def _fit_descriptors(wanted: int) -> int:
+    """Raise the soft descriptor limit towards what ``wanted`` connections
+    need (each may hold a socket and a spooled body); the connections that
+    fit when the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fit = max(16, (soft - FD_HEADROOM) // 2)
+        LOG.warning("MAX_CONNECTIONS=%d needs %d file descriptors; the limit is %d, so %d connections are kept",
+                    wanted, need, soft, fit)
+        return fit
+    return wanted
+
+
+def build(app: Callable, cfg: config_mod.Config, admit: Admit, metrics: Metrics, port: int | None = None) -> Server:
+    """The server for ``app`` on HOST:PORT (``port`` overrides), listening."""
+    edge = Edge(cfg, admit, metrics)
+    edge.max_connections = _fit_descriptors(cfg.max_connections)
+    largest = max(body_limit("POST", p, cfg) for p in ("/api/process/single", "/api/process/batch"))
+    return Server(
+        app, edge, host=cfg.host, port=cfg.port if port is None else port,
+        # uploads are received by the I/O thread; handlers mostly wait on
+        # disk and SQLite, so a few more threads than cores keeps polls fast
+        threads=8,
+        # our own accept logic evicts before this; Waitress' limit is the backstop
+        connection_limit=edge.max_connections + 16,
+        # stalled readers (a response nobody reads) go after this; slow
+        # senders and idle connections are cut much sooner by the deadlines
+        channel_timeout=60, cleanup_interval=1,
+        max_request_body_size=largest + 1, ident="imgworker", expose_tracebacks=False,
+        asyncore_use_poll=True,
+        clear_untrusted_proxy_headers=True,
+        # Behind a proxy (TRUST_PROXY) the client is the last X-Forwarded-For
+        # hop; otherwise the header is dropped, so clients cannot spoof it.
+        **({"trusted_proxy": "*", "trusted_proxy_count": 1, "trusted_proxy_headers": {"x-forwarded-for"}}
+           if cfg.trust_proxy else {}),
+    )
+
+
+def free_bytes(*paths: str) -> int:
+    """Free bytes for an unprivileged writer on the tightest of the
+    filesystems holding ``paths`` (DATA_DIR and the temp dir, where Waitress
+    spools bodies)."""
+    out = []
+    for p in paths or (tempfile.gettempdir(),):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        out.append(st.f_bavail * st.f_frsize)
+    return min(out) if out else 0

@@ -1,0 +1,282 @@
+"""The HTTP edge against hostile clients (issue 15 items 2-6 and the priority
+cap), on a real Waitress server on 127.0.0.1. The slow-connection suite is
+in test_suites.py (it needs a server process of its own)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import select
+import socket
+import time
+
+from helpers import image_bytes, multipart
+
+from imgworker import log as log_mod
+
+JPEG = image_bytes("JPEG", (64, 48))
+
+
+def reply_of(s: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one response (until the server closes or the body is complete)."""
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if m and len(body) >= int(m.group(1)):
+                    break
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1]) if lines[0].startswith("HTTP/") else 0
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(raw)
+        return reply_of(s)
+
+
+def send_until_answered(port: int, head: bytes, piece: bytes, most: int) -> tuple[int, int, dict]:
+    """Send ``head`` then ``piece`` repeatedly (up to ``most`` bytes) until the
+    server answers; (bytes of body sent, status, json). The sent count
+    includes what the kernel buffered: an upper bound of what the server read."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head)
+        try:
+            while sent < most:
+                if select.select([s], [], [], 0)[0]:
+                    break
+                s.sendall(piece)
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, _, body = reply_of(s)
+    return sent, status, json.loads(body) if body else {}
+
+
+def post_head(path: str, length: int | None, ctype: str = "multipart/form-data; boundary=b", extra: str = "") -> bytes:
+    framing = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n{framing}{extra}\r\n".encode()
+
+
+# -- item 6: errors Waitress writes itself ----------------------------------------------------
+def test_waitress_errors_are_json_with_security_headers(api_server):
+    http, _ = api_server()
+    cases = {
+        "bad_request_line": (b"GARBAGE\r\n\r\n", 400),
+        "duplicate_length": (b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                             b"Content-Length: 5\r\n\r\nhello", 400),
+        "negative_length": (b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+        "headers_too_large": (b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431),
+        "bad_transfer_encoding": (b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        "bad_chunk": (b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    }
+    for name, (raw, want) in cases.items():
+        status, headers, body = exchange(http.port, raw)
+        assert status == want, (name, status, body[:200])
+        assert headers["content-type"] == "application/json", name
+        doc = json.loads(body)
+        assert doc["success"] is False and doc["code"] and doc["error"], name
+        assert headers["x-content-type-options"] == "nosniff" and "content-security-policy" in headers, name
+        assert headers["x-frame-options"] == "DENY" and headers["connection"] == "close", name
+
+
+# -- item 2: body limits hold while reading, chunked or not; no-body routes take none -------
+def test_routes_without_a_body_refuse_one_from_the_headers(api_server):
+    http, api = api_server()
+    for raw in (b"GET /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"GET /api/stats HTTP/1.1\r\nHost: x\r\nContent-Length: 400000000\r\n\r\n",
+                b"POST /api/job/" + b"a" * 32 + b"/retry HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"):
+        status, headers, body = exchange(http.port, raw)  # no body byte sent: decided on the headers
+        assert status == 413 and json.loads(body)["code"] == "BODY_NOT_ALLOWED", body
+    assert http.get("/api/health").status in (200, 503)  # a plain GET is untouched
+
+
+def test_chunked_upload_is_cut_at_the_route_limit(api_server):
+    http, api = api_server(MAX_FILE_SIZE_MB=1)
+    chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"  # 64 KiB chunks, never ending
+    limit = api.cfg.max_file_bytes + 64 * 1024
+    sent, status, doc = send_until_answered(http.port, post_head("/api/process/single", None), chunk, 40 * 2**20)
+    assert status == 413 and doc["code"] == "FILE_TOO_LARGE"
+    # answered within the limit plus what the socket buffers hold, not at the 20-file batch limit
+    assert sent < limit + 8 * 2**20, sent
+    # no temp file left: the body was not handed to the app
+    assert os.listdir(api.storage.tmp) == []
+    body, ctype = multipart(files=[("image", "a.jpg", JPEG)])
+    framed = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    status, _, reply = exchange(http.port, post_head("/api/process/single", None, ctype) + framed)
+    assert status == 202, reply  # an honest chunked upload still works
+
+
+def test_low_disk_refuses_uploads_from_the_headers(api_server):
+    http, api = api_server(MIN_FREE_DISK_MB=10**9)
+    status, headers, body = exchange(http.port, post_head("/api/process/single", 5_000_000))  # no body sent
+    assert status == 507 and json.loads(body)["code"] == "INSUFFICIENT_STORAGE"
+    assert int(headers["retry-after"]) > 0
+    assert http.get("/api/health").status in (200, 503)  # reads still work
+    assert api.queue.stats()["totalJobs"] == 0 and os.listdir(api.storage.tmp) == []
+
+
+# -- item 3: the rate limit counts files and refuses from the headers ----------------------
+def test_rate_limit_counts_files_and_refuses_from_headers(api_server):
+    http, api = api_server(RATE_LIMIT_MAX_REQUESTS=3)
+    files = [("images", f"{i}.jpg", JPEG) for i in range(5)]
+    r = http.upload("/api/process/batch", files=files)
+    assert r.status == 202 and len(r.json["jobs"]) == 3
+    assert [x["code"] for x in r.json["rejected"]] == ["RATE_LIMITED"] * 2
+    assert api.queue.stats()["totalJobs"] == 3 and os.listdir(api.storage.tmp) == []
+    # over the limit: 429 on the headers, with 100 MB announced and none sent
+    status, headers, body = exchange(http.port, post_head("/api/process/batch", 100 * 2**20))
+    assert status == 429 and json.loads(body)["code"] == "RATE_LIMITED"
+    assert int(headers["retry-after"]) > 0 and headers["ratelimit-remaining"] == "0"
+
+
+# -- item 4: bounded metric labels -------------------------------------------------------------
+def test_made_up_methods_collapse_into_one_label(api_server):
+    http, _ = api_server()
+    for i in range(40):
+        assert http.request(f"X{i}METHOD", "/api/health").status == 405
+    text = http.get("/metrics").body.decode()
+    methods = set(re.findall(r'imgworker_http_requests_total\{method="([^"]*)"', text))
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+    assert "other" in methods
+
+
+# -- item 5: log forging -------------------------------------------------------------------------
+FORGED = "2026-01-01T00:00:00.000Z ERROR   api forged"
+
+
+def test_request_data_cannot_forge_a_log_line(service):
+    from helpers import Http, free_port
+
+    port = free_port()
+    svc = service("api", PORT=port)
+    http = Http(f"http://127.0.0.1:{port}")
+    from conftest import wait_for
+
+    wait_for(lambda: _answers(http), 20, 0.05, "API up")
+    forged = FORGED.replace(" ", "%20")
+    assert http.get(f"/api/job/x%0a{forged}").status == 404
+    assert http.get(f"/api/job/x%0d%0a{forged}%e2%80%a8x%1b[2J").status == 404
+    svc.stop()
+    lines = svc.log().splitlines()
+    assert not [line for line in lines if line.startswith(FORGED[:24])]
+    assert any("\\n2026-01-01" in line for line in lines)  # logged, escaped
+
+
+def _answers(http) -> bool:
+    try:
+        return http.get("/api/health").status in (200, 503)
+    except OSError:
+        return False
+
+
+def test_formatters_escape_and_json_lines():
+    record = logging.LogRecord("imgworker.api", logging.WARNING, __file__, 1, "Refused %s", ("a\nb\r\x1b\u2028c",), None)
+    text = log_mod._TextFormatter().format(record)
+    assert "\n" not in text and "a\\nb\\r\\x1b\\u2028c" in text
+    try:
+        raise ValueError("boom\n" + FORGED)
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    text = log_mod._TextFormatter().format(record)
+    assert all(line.startswith("| ") for line in text.splitlines()[1:])
+    doc = json.loads(log_mod._JsonFormatter().format(record))
+    assert doc["message"] == "Refused a\nb\r\x1b\u2028c" and doc["level"] == "WARNING" and "boom" in doc["exception"]
+
+
+# -- item 8 (part): the priority an anonymous client may set is capped -----------------------
+def test_client_priority_is_capped(api_server):
+    http, api = api_server(MAX_CLIENT_PRIORITY=5)
+    high = http.upload(files=[("image", "a.jpg", JPEG)], fields={"priority": "1000"})
+    low = http.upload(files=[("image", "b.jpg", JPEG)], fields={"priority": "-7"})
+    assert high.status == 202 and low.status == 202
+    assert http.get(high.json["statusUrl"]).json["priority"] == 5
+    assert http.get(low.json["statusUrl"]).json["priority"] == -7
+    assert api.queue.get(high.json["jobId"])["priority"] == 5
+
+
+def test_default_priority_cap_is_documented_default(api_server):
+    http, api = api_server()
+    r = http.upload(files=[("image", "a.jpg", JPEG)], fields={"priority": "1000"})
+    assert http.get(r.json["statusUrl"]).json["priority"] == api.cfg.max_client_priority == 10
+
+
+# -- item 1: deadlines and connection limits (the latency suite is in test_suites.py) ---------
+def trickle(port: int, head: bytes, drip: bytes, every: float, within: float) -> tuple[int, float, dict]:
+    """Send ``head`` then one byte of ``drip`` every ``every`` s until the
+    server answers or closes; (status, seconds until then, json)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head)
+        for i in range(int(within / every)):
+            if select.select([s], [], [], every)[0]:
+                break
+            try:
+                s.sendall(drip[i % len(drip):i % len(drip) + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        status, _, body = reply_of(s)
+    return status, time.monotonic() - started, json.loads(body) if body else {}
+
+
+def test_slow_headers_and_slow_bodies_are_cut_off(api_server):
+    http, _ = api_server(HEADER_TIMEOUT_MS=600, BODY_MIN_BYTES_PER_S=1000)
+    status, took, doc = trickle(http.port, b"GET /api/health HTTP/1.1\r\n", b"X-Slow: aaaaaaaa\r\n", 0.1, 10)
+    assert status == 408 and doc["code"] == "REQUEST_TIMEOUT" and took < 3, (status, took)
+    status, took, doc = trickle(http.port, post_head("/api/process/single", 10_000), b"-", 0.1, 10)
+    assert status == 408 and doc["code"] == "REQUEST_TIMEOUT" and took < 4, (status, took)
+    # an idle connection (nothing sent) is closed after the header deadline
+    with socket.create_connection(("127.0.0.1", http.port), timeout=5) as s:
+        started = time.monotonic()
+        assert s.recv(100) == b"" and time.monotonic() - started < 3
+    assert http.get("/api/health").status in (200, 503)
+
+
+def test_connections_per_client_are_limited(api_server):
+    http, _ = api_server(MAX_CONNECTIONS_PER_CLIENT=4)
+    held = [socket.create_connection(("127.0.0.1", http.port), timeout=5) for _ in range(4)]
+    try:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=5) as extra:
+            status, headers, body = reply_of(extra)
+        assert status == 503 and json.loads(body)["code"] == "TOO_MANY_CONNECTIONS" and headers["retry-after"]
+        # another address is a different client
+        other = socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.2", 0))
+        with other:
+            other.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            status, _, body = reply_of(other)
+        assert status in (200, 503) and json.loads(body).get("code") != "TOO_MANY_CONNECTIONS"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_at_the_connection_limit_the_least_active_is_closed(api_server):
+    http, _ = api_server(MAX_CONNECTIONS=16, MAX_CONNECTIONS_PER_CLIENT=100)
+    held = [socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.3", 0))
+            for _ in range(20)]
+    try:
+        for s in held[:3]:
+            s.sendall(b"GET /api/health HTTP/1.1\r\n")  # slow headers, oldest
+        started = time.monotonic()
+        r = http.get("/api/health")
+        assert r.status in (200, 503) and time.monotonic() - started < 1
+    finally:
+        for s in held:
+            s.close()
