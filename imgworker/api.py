@@ -28,8 +28,9 @@ from typing import Any, Callable
 import bottle
 
 from . import config as config_mod
-from . import imaging, log, wakeup
+from . import imaging, log
 from . import server as server_mod
+from .backends import open_queue
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
 from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, creates_work, json_error, secure
 from .metrics import Metrics, pool_summary
@@ -57,7 +58,7 @@ class Api:
 
     def __init__(self, cfg: config_mod.Config, queue: JobQueue | None = None):
         self.cfg = cfg
-        self.queue = queue or JobQueue(cfg.database_path)
+        self.queue = queue or open_queue(cfg, role="imgworker-api")
         self.storage = Storage(cfg.data_dir)
         self.storage.ensure()
         self.limits = imaging.Limits.from_config(cfg)
@@ -250,7 +251,7 @@ class Api:
                 except FileNotFoundError:
                     pass
             raise
-        wakeup.notify(self.cfg.database_path)
+        self.queue.notify()
         self.metrics.accepted(len(jobs), sum(j.input_size for j in jobs))
         return positions
 
@@ -404,7 +405,7 @@ class Api:
         self._take(1)
         self._find(job_id)
         self.queue.retry(job_id, self.cfg.max_queue_size)
-        wakeup.notify(self.cfg.database_path)
+        self.queue.notify()
         LOG.info("Job sent back to the queue by request", extra={"job": job_id})
         return self._json(202, {"success": True, "jobId": job_id, "status": "queued"})
 

@@ -103,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _queue(cfg: config_mod.Config):
-    from .queue import JobQueue
+    from .backends import open_queue
     from .storage import Storage
 
     Storage(cfg.data_dir).ensure()
-    q = JobQueue(cfg.database_path)
+    q = open_queue(cfg, role="imgworker-cli")
     q.migrate()
     return q
 
@@ -282,9 +282,7 @@ def _action(fn_name: str, done: str):
         except ServiceError as exc:
             print(f"imgworker: {exc.message}", file=sys.stderr)
             return EXIT_FAIL
-        from . import wakeup
-
-        wakeup.notify(cfg.database_path)
+        q.notify()
         print(f"job {args.id} {done}")
         return EXIT_OK
 

@@ -31,6 +31,11 @@ class DatabaseError(RuntimeError):
     """The database cannot be used (too old, unreadable, bad migration)."""
 
 
+class StoreUnavailable(DatabaseError):
+    """The database server stayed unreachable past the store's reconnect
+    budget: the caller skips this round (the supervisor) or answers 503."""
+
+
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
     """Refuse SQLite older than 3.35 (no RETURNING) with a clear message."""
     parts = tuple(int(p) for p in version.split(".")[:3])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import db
+from . import db, wakeup
 from .errors import Conflict, NotFound, QueueFull
 
 STATUSES = ("queued", "processing", "completed", "failed", "retrying", "cancelled")
@@ -118,6 +118,17 @@ class JobQueue:
 
     def migrate(self) -> list[str]:
         return db.migrate(self.conn)
+
+    # -- wake-ups ------------------------------------------------------------
+    def notify(self) -> None:
+        """Wake a supervisor after jobs became claimable (best effort: the
+        abstract-socket datagram of wakeup.py, which reaches this host only)."""
+        wakeup.notify(self.path)
+
+    def listen(self) -> "wakeup.Listener | None":
+        """Something to select() on that becomes readable on :meth:`notify`
+        (None if another supervisor on this host holds it: poll instead)."""
+        return wakeup.Listener.bind(self.path)
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database file (PASSIVE: never blocks writers)."""

@@ -38,10 +38,11 @@ from typing import Any
 import psutil
 
 from . import config as config_mod
-from . import log, notify, wakeup
+from . import db, log, notify
+from .backends import open_queue
 from .imaging import Limits
 from .memory import MemoryProbe
-from .queue import JobQueue, RetryPolicy
+from .queue import RetryPolicy
 from .storage import Storage
 from .worker import recv, send
 
@@ -113,7 +114,7 @@ class Counters:
 class Supervisor:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
-        self.queue = JobQueue(cfg.database_path, durable=False)
+        self.queue = open_queue(cfg, durable=False, role="imgworker-supervisor")
         self.storage = Storage(cfg.data_dir)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started_ms = int(time.time() * 1000)
@@ -154,9 +155,13 @@ class Supervisor:
                 self.murder_workers()
                 if not self.stopping:
                     self.spawn_workers()
-                self.housekeeping()
-                self.assign_jobs()
-                self.sleep()
+                try:
+                    self.housekeeping()
+                    self.assign_jobs()
+                    self.sleep()
+                except db.StoreUnavailable as exc:  # keep the pool; try again in a second
+                    LOG.error("Database unavailable: %s", exc)
+                    time.sleep(1)
         finally:
             self.shutdown()
         return 0
@@ -171,9 +176,8 @@ class Supervisor:
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
-        self.wake_sock = wakeup.listen(self.cfg.database_path)
-        if self.wake_sock is not None:
-            self.selector.register(self.wake_sock, selectors.EVENT_READ, "wake")
+        self.wake = None
+        self.listen()
         self.heartbeat()
         self.recover(first=True)
         LOG.info("Image processing supervisor started (pid %d, database %s)", os.getpid(), self.cfg.database_path)
@@ -182,6 +186,24 @@ class Supervisor:
         self.spawn_workers()
         notify.notify("READY=1", f"STATUS=supervising {self.cfg.max_concurrent_jobs} workers")
         self.announced = True
+
+    def listen(self) -> None:
+        """Register the store's wake-up listener (an abstract socket on
+        SQLite, LISTEN/NOTIFY on PostgreSQL); polling covers the time
+        without one, and the heartbeat asks again."""
+        if self.wake is None:
+            self.wake = self.queue.listen()
+            if self.wake is not None:
+                self.selector.register(self.wake, selectors.EVENT_READ, "wake")
+
+    def unlisten(self) -> None:
+        if self.wake is not None:
+            try:
+                self.selector.unregister(self.wake)
+            except (KeyError, ValueError):
+                pass
+            self.wake.close()
+            self.wake = None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.append(signum)  # acted on by the main loop, never here
@@ -257,6 +279,7 @@ class Supervisor:
         except Exception:  # the database may be the reason we stop
             LOG.exception("Could not unregister")
         signal.set_wakeup_fd(-1)
+        self.unlisten()
         self.queue.close()
         LOG.info("Supervisor stopped")
 
@@ -497,6 +520,7 @@ class Supervisor:
                 self.memory = self.memprobe.read()
             self.heartbeat()
             self.recover()
+            self.listen()
         if now >= self.next_cleanup:
             self.next_cleanup = now + self.cfg.cleanup_interval_ms / 1000
             try:
@@ -565,7 +589,8 @@ class Supervisor:
                 except BlockingIOError:
                     pass
             elif key.data == "wake":
-                wakeup.drain(self.wake_sock)
+                if not self.wake.drain():  # the database went away: listen again at the next heartbeat
+                    self.unlisten()
             elif isinstance(key.data, Worker):
                 self.on_message(key.data)
 

@@ -48,3 +48,26 @@ def drain(s: socket.socket) -> None:
             pass
     except OSError:
         pass
+
+
+class Listener:
+    """The supervisor's end: ``fileno()`` for select, ``drain()`` when
+    readable (True while the listener is usable), ``close()``."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    @classmethod
+    def bind(cls, database_path: os.PathLike | str) -> "Listener | None":
+        sock = listen(database_path)
+        return cls(sock) if sock is not None else None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> bool:
+        drain(self.sock)
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

@@ -44,6 +44,21 @@ def queue(tmp_path):
     q.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_queue(request, tmp_path):
+    """The queue contract's subject, once per store: a SQLite file and a
+    fresh database on the private PostgreSQL server."""
+    if request.param == "sqlite":
+        q = JobQueue(tmp_path / "queue.db")
+    else:
+        from imgworker.pgqueue import PgJobQueue
+
+        q = PgJobQueue(request.getfixturevalue("pg_url"))
+    q.migrate()
+    yield q
+    q.close()
+
+
 @pytest.fixture
 def add_jobs(queue, tmp_path):
     """Enqueue n jobs; returns their ids in submission order."""

@@ -4,6 +4,7 @@ private server (tests/pg.py)."""
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 
@@ -91,7 +92,7 @@ def test_bad_database_url_exits_2_masked(tmp_path, url, shown):
 def test_unreachable_database_exits_2_masked(tmp_path):
     # a socket directory with no server in it: refused at once, nothing reached
     url = f"postgresql://bob:hunter2@/imgworker?host={tmp_path}"
-    for command in ("migrate",):
+    for command in ("migrate", "serve", "stats", "worker", "api"):
         out = _cli(command, env={"DATABASE_URL": url, "DATA_DIR": str(tmp_path / "d")})
         assert out.returncode == 2, (command, out.stderr)
         assert "DATABASE_URL" in out.stderr and "bob:***@" in out.stderr and "hunter2" not in out.stderr
@@ -105,3 +106,97 @@ def test_wrong_password_names_the_key(pg_server):
         pgdb.connect(url)
     assert "DATABASE_URL" in str(info.value) and "secret" not in str(info.value)
     assert "no_such_db" in str(info.value)
+
+
+# -- the PostgreSQL store beyond the shared contract (tests/test_queue.py) -------------------
+def _pg_store(url, **kw):
+    from imgworker.pgqueue import PgJobQueue
+
+    q = PgJobQueue(url, **kw)
+    q.migrate()
+    return q
+
+
+def _jobs(n, prefix="j", priority=0):
+    from imgworker.queue import NewJob
+
+    return [NewJob(f"{prefix}{i:04d}", "/in", "x.jpg", 1, priority=priority) for i in range(n)]
+
+
+def test_concurrent_claimers_never_share_a_job(pg_url):
+    """8 claimers in separate processes' worth of connections (threads, one
+    connection each) drain 400 jobs: each job is claimed exactly once."""
+    import threading
+
+    q = _pg_store(pg_url)
+    q.enqueue(_jobs(400), 1000, 1)
+    claimed: list[list[str]] = [[] for _ in range(8)]
+
+    def claimer(k):
+        while (job := q.claim(f"owner-{k}", 60000)) is not None:
+            assert q.complete(job["id"], f"owner-{k}", {"processingTime": 1}, "/out")
+            claimed[k].append(job["id"])
+
+    threads = [threading.Thread(target=claimer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for part in claimed for i in part]
+    assert sorted(flat) == sorted(j.id for j in _jobs(400)) and len(set(flat)) == 400
+    assert sum(1 for part in claimed if part) > 1  # the work really was shared
+    assert q.stats()["completedJobs"] == 400
+    q.close()
+
+
+def test_a_node_back_after_its_lease_expired_cannot_settle(pg_url):
+    from imgworker.queue import RetryPolicy, now_ms
+
+    q = _pg_store(pg_url)
+    q.enqueue(_jobs(1), 10, 3)
+    t = now_ms()
+    stale = q.claim("node-a", 1000, now=t)
+    # node-a goes silent; after its lease, node-b's recovery takes the job back and node-b runs it
+    assert q.recover([], RetryPolicy(0, 0), now=t + 1001) == [(stale["id"], "retrying")]
+    fresh = q.claim("node-b", 1000, now=t + 1002)
+    assert fresh["id"] == stale["id"] and fresh["attempts"] == 2
+    # node-a comes back and tries to settle its old attempt: refused, the row is node-b's
+    assert q.complete(stale["id"], "node-a", {"processingTime": 1}, "/out-a") is False
+    assert q.fail(stale["id"], "node-a", "X", "late", False, RetryPolicy()) is None
+    assert q.release(stale["id"], "node-a") is False
+    assert q.complete(fresh["id"], "node-b", {"processingTime": 1}, "/out-b") is True
+    assert q.get(fresh["id"])["output_path"] == "/out-b"
+    q.close()
+
+
+def test_enqueue_wakes_a_listener_on_another_connection(pg_url):
+    import selectors
+
+    q = _pg_store(pg_url)
+    listener = q.listen()
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    assert sel.select(0.05) == []
+    t = time.monotonic()
+    other = _pg_store(pg_url)  # another node's API
+    other.enqueue(_jobs(1), 10, 1)
+    assert sel.select(5) and listener.drain()
+    assert time.monotonic() - t < 1
+    assert sel.select(0.05) == []  # drained
+    listener.close()
+    q.close()
+    other.close()
+
+
+def test_store_survives_a_server_restart(pg_url, pg_server):
+    q = _pg_store(pg_url, durable=False)
+    q.enqueue(_jobs(3), 10, 1)
+    job = q.claim("node", 60000)
+    listener = q.listen()
+    pg_server.ctl("restart")
+    # the old connections are gone; the next calls reconnect and carry on
+    assert q.complete(job["id"], "node", {"processingTime": 1}, "/out") is True
+    assert q.claim("node", 60000)["id"] == "j0001"
+    assert listener.drain() is False  # the listener notices and is replaced by the caller
+    listener.close()
+    q.close()

@@ -1,4 +1,5 @@
-"""The queue contract on a real SQLite file."""
+"""The queue contract, on both stores: a real SQLite file and a real
+PostgreSQL database (the private test server)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from imgworker.errors import Conflict, NotFound, QueueFull
 from imgworker.queue import RetryPolicy, backoff_ms, now_ms
 
 POLICY = RetryPolicy(base_ms=1000, max_ms=60000)
+
+
+@pytest.fixture
+def queue(any_queue):
+    return any_queue
 
 
 def drain(queue, owner="sup"):

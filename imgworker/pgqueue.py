@@ -1,0 +1,536 @@
+"""The PostgreSQL job store: the same contract as :class:`queue.JobQueue`,
+for several nodes sharing one database (``DATABASE_URL``).
+
+What PostgreSQL changes (the rest of the contract is queue.py's):
+
+- Claim is one statement: ``UPDATE ... WHERE seq = (SELECT ... ORDER BY
+  priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *``. Claimers
+  on any node skip rows another claimer has locked instead of waiting for
+  them, so N claimers take N different jobs at once.
+- Settle-and-claim and batch enqueue are each one transaction; enqueue takes
+  a transaction-level advisory lock so the queue bound (a count) holds
+  across API nodes, and sends ``NOTIFY imgworker_jobs`` that is delivered
+  at commit: supervisors on every host wake up (see :class:`Listener`).
+- Every settle checks ownership (``status = 'processing' AND lease_owner =
+  me``): a node that comes back after its lease expired and the job moved
+  on cannot overwrite the new owner's outcome.
+- A lost connection (the server restarted, a network cut) is replaced and
+  the operation retried for up to RECONNECT_S; a write whose COMMIT was
+  lost is never applied twice (enqueue checks whether its rows exist; the
+  settles are conditional on ownership, so a replay changes nothing).
+- The supervisor's connection commits with ``synchronous_commit = off``
+  (as SQLite's supervisor uses ``synchronous=NORMAL``): a crash of the
+  database server may lose its last outcomes, which are then redone (the
+  job is recovered by lease expiry; outputs are idempotent). The API's
+  connection stays fully durable: a 202 means the row is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable, TypeVar
+
+from . import db, log, pgdb
+from .errors import Conflict, NotFound, QueueFull
+from .queue import STATUSES, NewJob, RetryPolicy, backoff_ms, now_ms
+
+LOG = log.get("store")
+CHANNEL = "imgworker_jobs"
+RECONNECT_S = 30.0
+# pg_advisory_xact_lock key serialising enqueues ("imgq"): the queue bound holds cluster-wide
+ENQUEUE_LOCK = 0x696D6771
+T = TypeVar("T")
+
+
+def _jsonb(value: Any) -> Any:
+    from psycopg.types.json import Jsonb
+
+    return Jsonb(value)
+
+
+def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    row["options"] = row.get("options") or {}
+    return row
+
+
+class PgJobQueue:
+    """All database access of imgworker on PostgreSQL.
+
+    One connection per thread, opened lazily in the process that uses it and
+    reopened after a fork or a lost connection.
+    """
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, durable: bool = True, application_name: str = "imgworker"):
+        self.url = url
+        self.durable = durable
+        self.application_name = application_name
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._all_lock = threading.Lock()
+        self._connected_once = False
+
+    @property
+    def path(self) -> str:
+        """Where the queue lives, for messages (password masked)."""
+        from .config import mask_password
+
+        return mask_password(self.url)
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _open(self) -> Any:
+        self._local.conn = None  # until connected: _run sees the connection as lost
+        conn = pgdb.connect(self.url, self.application_name)
+        if not self.durable:
+            conn.execute("SET synchronous_commit = off")
+        self._connected_once = True
+        return conn
+
+    @property
+    def conn(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if getattr(local, "pid", None) != os.getpid() or conn is None or conn.closed:
+            local.conn = self._open()
+            local.pid = os.getpid()
+            with self._all_lock:
+                self._all.append(local.conn)
+        return local.conn
+
+    def _run(self, op: Callable[[Any, bool], T]) -> T:
+        """Run ``op(conn, replay)``. When the connection is lost (server
+        restarted, network cut) reconnect, for up to RECONNECT_S, and run it
+        again with ``replay=True``. Other errors are raised at once, and so
+        is a failure of this process's first connection (a bad URL: the
+        caller exits 2, it does not wait)."""
+        import psycopg
+
+        deadline = time.monotonic() + RECONNECT_S
+        replay = False
+        delay = 0.05
+        while True:
+            try:
+                return op(self.conn, replay)
+            except (psycopg.OperationalError, pgdb.ConfigError) as exc:
+                conn = getattr(self._local, "conn", None)
+                lost = conn is None or conn.closed or conn.broken
+                if not lost or not self._connected_once:
+                    raise
+                if time.monotonic() > deadline:
+                    raise db.StoreUnavailable(f"database unreachable for {RECONNECT_S:.0f} s: {exc}") from exc
+                if conn is not None:
+                    conn.close()
+                self._local.conn = None
+                if not replay:
+                    LOG.warning("Database connection lost (%s); reconnecting", " ".join(str(exc).split())[:200])
+                replay = True
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    def close(self) -> None:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self._local = threading.local()
+
+    def migrate(self) -> list[str]:
+        return self._run(lambda c, _r: pgdb.migrate(c))
+
+    def checkpoint(self) -> None:
+        """Nothing to do: PostgreSQL checkpoints by itself."""
+
+    # -- wake-ups -----------------------------------------------------------------------
+    def notify(self) -> None:
+        """Nothing to do: every write that makes a job claimable sends
+        ``NOTIFY imgworker_jobs`` in its own transaction (delivered at commit)."""
+
+    def listen(self) -> "Listener | None":
+        """A ``LISTEN imgworker_jobs`` connection to select() on (None if the
+        database cannot be reached now: the supervisor polls and asks again)."""
+        try:
+            return Listener(self.url)
+        except Exception as exc:
+            LOG.warning("Cannot LISTEN for wake-ups (%s); polling", " ".join(str(exc).split())[:200])
+            return None
+
+    # -- producing ----------------------------------------------------------------------
+    def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int,
+                now: int | None = None, before_commit: Callable[[], None] | None = None) -> list[int]:
+        """As JobQueue.enqueue: all or none, QueueFull past the bound
+        (cluster-wide: enqueues are serialised by an advisory lock), and a
+        NOTIFY that wakes every supervisor at commit."""
+        jobs = list(jobs)
+        now = now_ms() if now is None else now
+        ids = [j.id for j in jobs]
+
+        def op(c: Any, replay: bool) -> list[int]:
+            with pgdb.write(c):
+                if replay and c.execute("SELECT count(*) AS n FROM jobs WHERE id = ANY(%s)", (ids,)).fetchone()["n"]:
+                    # the first try's COMMIT reached the server before the connection was lost
+                    return [self._position(c, j.priority, self._seq(c, j.id)) for j in jobs]
+                c.execute("SELECT pg_advisory_xact_lock(%s)", (ENQUEUE_LOCK,))
+                waiting = c.execute(
+                    "SELECT count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying')"
+                ).fetchone()["n"]
+                if waiting + len(jobs) > max_queue_size:
+                    raise QueueFull(
+                        f"The queue is full ({waiting} of {max_queue_size} jobs waiting); try again later"
+                    )
+                positions: list[int] = []
+                same_priority = len({j.priority for j in jobs}) == 1
+                for j in jobs:
+                    seq = c.execute(
+                        "INSERT INTO jobs (id, batch_id, status, priority, max_attempts, run_at, created_at,"
+                        " input_path, original_name, input_size, input_format, options)"
+                        " VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
+                        (j.id, j.batch_id, j.priority, max_attempts, now, now, j.input_path,
+                         j.original_name, j.input_size, j.input_format, _jsonb(j.options)),
+                    ).fetchone()["seq"]
+                    if same_priority and positions:  # each one right behind the previous
+                        positions.append(positions[-1] + 1)
+                    else:  # where it stands at the moment it is inserted, as in the SQLite store
+                        positions.append(self._position(c, j.priority, seq))
+                c.execute("UPDATE counters SET value = value + %s WHERE name = 'jobs_total'", (len(jobs),))
+                c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                if before_commit is not None:
+                    before_commit()
+                return positions
+
+        return self._run(op)
+
+    @staticmethod
+    def _seq(c: Any, job_id: str) -> int:
+        return c.execute("SELECT seq FROM jobs WHERE id = %s", (job_id,)).fetchone()["seq"]
+
+    @staticmethod
+    def _position(c: Any, priority: int, seq: int) -> int:
+        ahead = c.execute(
+            "SELECT count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying')"
+            " AND (priority > %s OR (priority = %s AND seq < %s))",
+            (priority, priority, seq),
+        ).fetchone()["n"]
+        return ahead + 1
+
+    # -- consuming ------------------------------------------------------------------------
+    _CLAIM = (
+        "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
+        " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
+        " WHERE seq = (SELECT seq FROM jobs WHERE status IN ('queued', 'retrying') AND run_at <= %(now)s"
+        "   ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " RETURNING *"
+    )
+
+    def claim(self, owner: str, lease_ms: int, now: int | None = None) -> dict[str, Any] | None:
+        """Take the next claimable job (highest priority, then oldest) in one
+        statement; rows locked by other claimers are skipped, not waited for."""
+        at = now_ms() if now is None else now
+        return self._run(lambda c, _r: self._claim(c, owner, lease_ms, at))
+
+    def _claim(self, c: Any, owner: str, lease_ms: int, now: int) -> dict[str, Any] | None:
+        row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms}).fetchone()
+        return _decode(row)
+
+    def complete(self, job_id: str, owner: str, result: dict[str, Any], output_path: str,
+                 now: int | None = None) -> bool:
+        at = now_ms() if now is None else now
+        return self._run(lambda c, _r: self._complete(c, job_id, owner, result, output_path, at))
+
+    def complete_and_claim(self, job_id: str, owner: str, result: dict[str, Any], output_path: str,
+                           lease_ms: int, now: int | None = None) -> tuple[bool, dict[str, Any] | None]:
+        """complete then claim in one transaction (one commit)."""
+        at = now_ms() if now is None else now
+
+        def op(c: Any, _replay: bool) -> tuple[bool, dict[str, Any] | None]:
+            with pgdb.write(c):
+                done = self._complete(c, job_id, owner, result, output_path, at)
+                return done, self._claim(c, owner, lease_ms, at)
+
+        return self._run(op)
+
+    @staticmethod
+    def _complete(c: Any, job_id: str, owner: str, result: dict[str, Any], output_path: str, now: int) -> bool:
+        cur = c.execute(
+            "UPDATE jobs SET status = 'completed', completed_at = %s, result = %s, output_path = %s,"
+            " error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = %s AND status = 'processing' AND lease_owner = %s",
+            (now, _jsonb(result), output_path, job_id, owner),
+        )
+        return cur.rowcount == 1
+
+    def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool,
+             policy: RetryPolicy, now: int | None = None) -> tuple[str, int | None] | None:
+        """As JobQueue.fail; None if ``owner`` no longer holds the lease."""
+        at = now_ms() if now is None else now
+
+        def op(c: Any, _replay: bool) -> tuple[str, int | None] | None:
+            with pgdb.write(c):
+                row = c.execute(
+                    "SELECT attempts, max_attempts FROM jobs WHERE id = %s AND status = 'processing'"
+                    " AND lease_owner = %s FOR UPDATE",
+                    (job_id, owner),
+                ).fetchone()
+                if row is None:
+                    return None
+                return self._settle(c, job_id, row["attempts"], row["max_attempts"], code, message, transient,
+                                    policy, at)
+
+        return self._run(op)
+
+    @staticmethod
+    def _settle(c: Any, job_id: str, attempts: int, max_attempts: int, code: str, message: str,
+                transient: bool, policy: RetryPolicy, now: int) -> tuple[str, int | None]:
+        if transient and attempts < max_attempts:
+            run_at = now + backoff_ms(attempts, policy.base_ms, policy.max_ms)
+            c.execute(
+                "UPDATE jobs SET status = 'retrying', run_at = %s, error_code = %s, error = %s,"
+                " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
+                (run_at, code, message, job_id),
+            )
+            return "retrying", run_at
+        c.execute(
+            "UPDATE jobs SET status = 'failed', completed_at = %s, error_code = %s, error = %s,"
+            " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
+            (now, code, message, job_id),
+        )
+        return "failed", None
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give a claimed job back without spending its attempt; wakes claimers."""
+
+        def op(c: Any, _replay: bool) -> bool:
+            with pgdb.write(c):
+                cur = c.execute(
+                    "UPDATE jobs SET status = CASE WHEN error_code IS NULL THEN 'queued' ELSE 'retrying' END,"
+                    " attempts = greatest(attempts - 1, 0), run_at = %s, started_at = NULL,"
+                    " lease_owner = NULL, lease_expires_at = NULL"
+                    " WHERE id = %s AND status = 'processing' AND lease_owner = %s",
+                    (now_ms(), job_id, owner),
+                )
+                if cur.rowcount == 1:
+                    c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                return cur.rowcount == 1
+
+        return self._run(op)
+
+    def recover(self, dead_owners: Iterable[str], policy: RetryPolicy,
+                now: int | None = None) -> list[tuple[str, str]]:
+        """Take back ``processing`` jobs whose lease expired (the cross-host
+        rule: a pid means nothing on another host) or whose owner is in
+        ``dead_owners``; the spent attempt counts. Rows another node is
+        recovering at the same moment are skipped (SKIP LOCKED)."""
+        at = now_ms() if now is None else now
+        dead = list(dead_owners)
+
+        def op(c: Any, _replay: bool) -> list[tuple[str, str]]:
+            out: list[tuple[str, str]] = []
+            with pgdb.write(c):
+                rows = c.execute(
+                    "SELECT id, attempts, max_attempts FROM jobs WHERE status = 'processing'"
+                    " AND (lease_expires_at < %s OR lease_owner = ANY(%s)) FOR UPDATE SKIP LOCKED",
+                    (at, dead),
+                ).fetchall()
+                for row in rows:
+                    status, _ = self._settle(
+                        c, row["id"], row["attempts"], row["max_attempts"], "WORKER_LOST",
+                        "The job's worker or supervisor stopped while processing it", True, policy, at,
+                    )
+                    out.append((row["id"], status))
+            return out
+
+        return self._run(op)
+
+    def next_run_at(self) -> int | None:
+        return self._run(lambda c, _r: c.execute(
+            "SELECT min(run_at) AS t FROM jobs WHERE status IN ('queued', 'retrying')").fetchone()["t"])
+
+    # -- operator actions ---------------------------------------------------------------------
+    def cancel(self, job_id: str) -> None:
+        def op(c: Any, replay: bool) -> None:
+            with pgdb.write(c):
+                row = c.execute("SELECT status FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"Job {job_id} not found")
+                if replay and row["status"] == "cancelled":
+                    return
+                if row["status"] not in ("queued", "retrying"):
+                    raise Conflict(f"Job {job_id} is {row['status']}; only queued or retrying jobs can be cancelled")
+                c.execute("UPDATE jobs SET status = 'cancelled', completed_at = %s WHERE id = %s", (now_ms(), job_id))
+
+        self._run(op)
+
+    def retry(self, job_id: str, max_queue_size: int) -> None:
+        def op(c: Any, replay: bool) -> None:
+            with pgdb.write(c):
+                c.execute("SELECT pg_advisory_xact_lock(%s)", (ENQUEUE_LOCK,))
+                row = c.execute("SELECT status, input_path FROM jobs WHERE id = %s FOR UPDATE",
+                                (job_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"Job {job_id} not found")
+                if replay and row["status"] == "queued":
+                    return
+                if row["status"] != "failed":
+                    raise Conflict(f"Job {job_id} is {row['status']}; only failed jobs can be retried")
+                if not os.path.exists(row["input_path"]):
+                    raise Conflict(f"Job {job_id} can no longer be retried: its upload is gone")
+                waiting = c.execute(
+                    "SELECT count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying')").fetchone()["n"]
+                if waiting >= max_queue_size:
+                    raise QueueFull("The queue is full; try again later")
+                c.execute(
+                    "UPDATE jobs SET status = 'queued', attempts = 0, run_at = %s, started_at = NULL,"
+                    " completed_at = NULL, error_code = NULL, error = NULL WHERE id = %s",
+                    (now_ms(), job_id),
+                )
+                c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+
+        self._run(op)
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self._run(lambda c, _r: _decode(c.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()))
+
+    def queue_position(self, job: dict[str, Any]) -> int:
+        return self._run(lambda c, _r: self._position(c, job["priority"], job["seq"]))
+
+    def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        def op(c: Any, _r: bool) -> list[dict[str, Any]]:
+            if status:
+                rows = c.execute("SELECT * FROM jobs WHERE status = %s ORDER BY seq DESC LIMIT %s",
+                                 (status, limit)).fetchall()
+            else:
+                rows = c.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT %s", (limit,)).fetchall()
+            return [_decode(r) for r in rows]
+
+        return self._run(op)
+
+    def batch(self, batch_id: str) -> list[dict[str, Any]]:
+        return self._run(lambda c, _r: [_decode(r) for r in c.execute(
+            "SELECT * FROM jobs WHERE batch_id = %s ORDER BY seq", (batch_id,)).fetchall()])
+
+    def stats(self, now: int | None = None) -> dict[str, Any]:
+        at = now_ms() if now is None else now
+
+        def op(c: Any, _r: bool) -> dict[str, Any]:
+            counts = {r["status"]: r["n"] for r in c.execute(
+                "SELECT status, count(*) AS n FROM jobs GROUP BY status").fetchall()}
+            counters = {r["name"]: r["value"] for r in c.execute("SELECT name, value FROM counters").fetchall()}
+            avg = c.execute(
+                "SELECT avg((result ->> 'processingTime')::float8) AS a FROM"
+                " (SELECT result FROM jobs WHERE status = 'completed' ORDER BY completed_at DESC LIMIT 100) r"
+            ).fetchone()["a"]
+            recent = {r["status"]: r["n"] for r in c.execute(
+                "SELECT status, count(*) AS n FROM jobs WHERE status IN ('completed', 'failed')"
+                " AND completed_at >= %s GROUP BY status", (at - 86_400_000,)).fetchall()}
+            return {
+                "totalJobs": counters.get("jobs_total", 0),
+                "completedJobs": counts.get("completed", 0) + counters.get("jobs_completed", 0),
+                "failedJobs": counts.get("failed", 0) + counters.get("jobs_failed", 0),
+                "currentQueueSize": counts.get("queued", 0) + counts.get("retrying", 0),
+                "currentProcessingCount": counts.get("processing", 0),
+                "averageProcessingTime": round(avg) if avg is not None else 0,
+                "completedInLast24h": recent.get("completed", 0),
+                "failedInLast24h": recent.get("failed", 0),
+                "byStatus": {s: counts.get(s, 0) for s in STATUSES},
+            }
+
+        return self._run(op)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def expired(self, older_than: int) -> list[dict[str, Any]]:
+        return self._run(lambda c, _r: [dict(r) for r in c.execute(
+            "SELECT id, input_path, output_path FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+            " AND completed_at < %s LIMIT 1000", (older_than,)).fetchall()])
+
+    def delete(self, job_ids: Iterable[str]) -> int:
+        ids = list(job_ids)
+        if not ids:
+            return 0
+
+        def op(c: Any, _r: bool) -> int:
+            with pgdb.write(c):
+                deleted = c.execute(
+                    "DELETE FROM jobs WHERE id = ANY(%s) AND status IN ('completed', 'failed', 'cancelled')"
+                    " RETURNING status", (ids,)).fetchall()
+                for status, name in (("completed", "jobs_completed"), ("failed", "jobs_failed")):
+                    n = sum(1 for r in deleted if r["status"] == status)
+                    if n:
+                        c.execute("UPDATE counters SET value = value + %s WHERE name = %s", (n, name))
+                return len(deleted)
+
+        return self._run(op)
+
+    def known_ids(self, job_ids: Iterable[str]) -> set[str]:
+        ids = list(job_ids)
+        return self._run(lambda c, _r: {r["id"] for r in c.execute(
+            "SELECT id FROM jobs WHERE id = ANY(%s)", (ids,)).fetchall()})
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def heartbeat(self, sup_id: str, hostname: str, pid: int, started_at: int, state: dict[str, Any]) -> None:
+        def op(c: Any, _r: bool) -> None:
+            c.execute(
+                "INSERT INTO supervisors (id, hostname, pid, started_at, heartbeat_at, state)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                " heartbeat_at = excluded.heartbeat_at, state = excluded.state",
+                (sup_id, hostname, pid, started_at, now_ms(), _jsonb(state)),
+            )
+
+        self._run(op)
+
+    def supervisors(self) -> list[dict[str, Any]]:
+        return self._run(lambda c, _r: c.execute(
+            "SELECT * FROM supervisors ORDER BY heartbeat_at DESC").fetchall())
+
+    def remove_supervisors(self, sup_ids: Iterable[str]) -> None:
+        ids = list(sup_ids)
+        if ids:
+            self._run(lambda c, _r: c.execute("DELETE FROM supervisors WHERE id = ANY(%s)", (ids,)))
+
+
+
+class Listener:
+    """A dedicated autocommit connection that LISTENs on CHANNEL: readable
+    when a notification (or the server's goodbye) arrives. ``drain()``
+    consumes pending notifications and returns False once the connection is
+    gone (the supervisor then drops it and listens again later)."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=pgdb.CONNECT_TIMEOUT_S,
+                                    application_name="imgworker-listen")
+        self.conn.execute(f"LISTEN {CHANNEL}")
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def drain(self) -> bool:
+        # libpq directly: read what arrived without blocking; consume_input
+        # fails once the server has closed the connection
+        from psycopg import pq
+
+        pgconn = self.conn.pgconn
+        try:
+            # twice: a server going down sends its FATAL message, then closes;
+            # the first read takes the message, the second meets the EOF
+            pgconn.consume_input()
+            pgconn.consume_input()
+            while pgconn.notifies() is not None:
+                pass
+        except Exception:
+            return False
+        return pgconn.status == pq.ConnStatus.OK
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            pass
