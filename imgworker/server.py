@@ -59,6 +59,7 @@ from .metrics import Metrics
 
 LOG = log.get("api")
 FD_HEADROOM = 256  # database, log, upload temp files, worker threads
+ACCEPT_BATCH = 128  # connections accepted per loop round at most
 # Waitress' own error classes by status -> the contract's code
 WAITRESS_CODES = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "FILE_TOO_LARGE",
                   431: "HEADERS_TOO_LARGE", 500: "INTERNAL_ERROR", 501: "NOT_IMPLEMENTED"}
@@ -259,15 +260,22 @@ class Server(TcpWSGIServer):
 
     # -- accepting ----------------------------------------------------------------------
     def handle_accept(self) -> None:
-        try:
-            pair = self.accept()
-            if pair is None:
-                return
-            conn, addr = pair
-            self.set_socket_options(conn)
-        except OSError:  # the peer went away before we got to it
-            return
-        addr = self.fix_addr(addr)
+        """Accept every connection waiting (up to a bound), not one per loop
+        round as Waitress does: a burst of attacker connections then leaves
+        the kernel's backlog in a few rounds and a legitimate client queued
+        behind it is not kept waiting one poll() round per connection."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                pair = self.accept()
+                if pair is None:  # nothing more waiting
+                    return
+                conn, addr = pair
+                self.set_socket_options(conn)
+            except OSError:  # the peer went away before we got to it
+                continue
+            self._admit(conn, self.fix_addr(addr))
+
+    def _admit(self, conn: socket.socket, addr: Any) -> None:
         client = addr[0]
         cfg = self.edge.cfg
         if not cfg.trust_proxy and self.per_client[client] >= cfg.max_connections_per_client:

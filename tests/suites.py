@@ -9,6 +9,7 @@ import http.client as http_client
 import io
 import json
 import random
+import select
 import socket
 import struct
 import threading
@@ -380,4 +381,143 @@ def load(service: Callable, submissions: int, clients: int, queue_size: int, rat
         "statuses": statuses, "accepted": len(accepted), "bad": bad, "seconds": round(elapsed, 1),
         "not_completed": [(j, r["status"] if r else None) for j, r in rows.items() if not r or r["status"] != "completed"],
         "peak_rss_mb": rss,
+    }
+
+
+# --- slow clients -------------------------------------------------------------------------------
+class SlowAttacker:
+    """``n`` connections that trickle, from ``sources`` addresses
+    (127.0.0.2, 127.0.0.3, ...: one client, or many behind one attacker):
+    half send headers one byte at a time, half send complete upload headers
+    and then the body one byte at a time. A connection the server closes is
+    opened again, so the attacker keeps trying to hold ``n``."""
+
+    HEADERS = b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 4000
+    UPLOAD = (b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+              b"Content-Length: 1000000\r\n\r\n")
+
+    def __init__(self, port: int, n: int, interval: float, sources: int = 1):
+        self.port, self.n, self.interval, self.sources = port, n, interval, sources
+        self.socks: dict[socket.socket, int] = {}  # socket -> bytes sent of its script
+        self.stats = {"opened": 0, "closed_by_server": 0, "answers": {}, "connect_errors": 0}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def _open(self, i: int) -> None:
+        try:
+            source = f"127.0.{1 + i % self.sources // 250}.{2 + i % self.sources % 250}"
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=2, source_address=(source, 0))
+        except OSError:
+            self.stats["connect_errors"] += 1
+            return
+        s.setblocking(False)
+        self.socks[s] = 0 if i % 2 else -1  # -1: the upload script, headers not sent yet
+        self.stats["opened"] += 1
+
+    def _closed(self, s: socket.socket) -> None:
+        try:
+            got = s.recv(65536)
+        except OSError:
+            got = b""
+        status = got[9:12].decode("latin-1") if got.startswith(b"HTTP/") else "none"
+        self.stats["answers"][status] = self.stats["answers"].get(status, 0) + 1
+        self.stats["closed_by_server"] += 1
+        del self.socks[s]
+        s.close()
+
+    def _drip(self, s: socket.socket) -> None:
+        sent = self.socks[s]
+        if sent == -1:
+            s.send(self.UPLOAD)
+            self.socks[s] = 0
+        else:
+            script = self.HEADERS if len(self.HEADERS) > sent else b"-"
+            s.send(script[sent:sent + 1] if sent < len(self.HEADERS) else b"-")
+            self.socks[s] = sent + 1
+
+    def run(self) -> None:
+        for i in range(self.n):
+            self._open(i)
+        while not self.stop.wait(self.interval):
+            poller = select.poll()  # select() cannot watch descriptors past 1023
+            for s in self.socks:
+                poller.register(s, select.POLLIN)
+            answered = {fd for fd, _ in poller.poll(0)}  # the server only writes to refuse or cut off
+            for s in list(self.socks):
+                if s.fileno() in answered:
+                    self._closed(s)
+                    continue
+                try:
+                    self._drip(s)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self._closed(s)
+            for i in range(self.n - len(self.socks)):
+                if self.stop.is_set():
+                    break
+                self._open(i)
+
+    def __enter__(self) -> "SlowAttacker":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        for s in list(self.socks):
+            s.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
+def slow_clients(service: Callable, n_slow: int, seconds: float, interval: float, sources: int = 1,
+                 **env: Any) -> dict[str, Any]:
+    """Another client's health checks, polls and downloads while ``n_slow``
+    trickling connections from ``sources`` addresses are held open: their
+    latencies, and what the attacker's connections were answered."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * n_slow + 256:  # the attacker's sockets live in this process
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 2 * n_slow + 256), hard))
+    svc, http = serve(service, LOG_LEVEL="warning", **env)
+    svc.start()
+    wait_for(lambda: healthy(http), 30, 0.05)
+    job_id = upload(http, image_bytes("PNG", (200, 150))).json["jobId"]
+    job = wait_for(lambda: (lambda j: j if j["status"] == "completed" else None)(http.get(f"/api/job/{job_id}").json),
+                   30, 0.05, "the victim's job")
+    url = job["result"]["processedFile"]["url"]
+    latencies: dict[str, list[float]] = {"health": [], "poll": [], "download": []}
+    failures: list[Any] = []
+    with SlowAttacker(int(http.port), n_slow, interval, sources) as attacker:
+        wait_for(lambda: attacker.stats["opened"] >= n_slow, 60, 0.05, "the attacker's connections")
+        held_at_start = len(attacker.socks)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for kind, path in (("health", "/api/health"), ("poll", f"/api/job/{job_id}"), ("download", url)):
+                started = time.monotonic()
+                try:
+                    r = http.get(path)
+                    ok = r.status == 200
+                except (OSError, http_client.HTTPException) as exc:
+                    ok, r = False, exc
+                latencies[kind].append(time.monotonic() - started)
+                if not ok:
+                    failures.append((kind, getattr(r, "status", repr(r))))
+            time.sleep(0.02)
+        held_at_end = len(attacker.socks)
+    stats = dict(attacker.stats)
+    svc.stop()
+    everything = [x for v in latencies.values() for x in v]
+    return {
+        "slow_connections": n_slow, "sources": sources, "requests": len(everything), "failures": failures[:20],
+        "failure_count": len(failures),
+        "p50_ms": round(percentile(everything, 0.5) * 1000, 1), "p99_ms": round(percentile(everything, 0.99) * 1000, 1),
+        "max_ms": round(max(everything) * 1000, 1),
+        "p99_ms_by_kind": {k: round(percentile(v, 0.99) * 1000, 1) for k, v in latencies.items()},
+        "attacker": stats, "attacker_held": [held_at_start, held_at_end],
     }

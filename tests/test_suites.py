@@ -179,3 +179,29 @@ def test_load_full(service):
     r = report("load-full", suites.load(service, submissions=5000, clients=16, queue_size=50, rate_limit=150))
     check_load(r, 5000)
     assert r["statuses"].get(429) and r["statuses"].get(503)  # both limits engaged
+
+
+def check_slow_clients(r):
+    assert r["failure_count"] == 0, r["failures"]
+    assert r["p99_ms"] < 100, r  # issue 15: another client's requests within 100 ms p99
+
+
+def test_slow_clients_quick(service):
+    # one client: the per-client limit answers most of its connections at once
+    r = report("slow-clients-quick", suites.slow_clients(service, n_slow=300, seconds=5, interval=1.0,
+                                                          HEADER_TIMEOUT_MS=2000))
+    check_slow_clients(r)
+    assert r["attacker"]["answers"].get("503", 0) > 0  # the per-client limit engaged
+    assert r["attacker"]["answers"].get("408", 0) > 0  # the header and body deadlines cut slow senders
+    # many addresses, each under the per-client limit: the server holds them all (MAX_CONNECTIONS=200 here)
+    r = report("slow-clients-spread-quick", suites.slow_clients(service, n_slow=300, seconds=5, interval=1.0,
+                                                                 sources=15, MAX_CONNECTIONS=200))
+    check_slow_clients(r)
+
+
+@pytest.mark.slow
+def test_slow_clients_full(service):
+    check_slow_clients(report("slow-clients-full", suites.slow_clients(service, n_slow=1000, seconds=30, interval=2.0)))
+    # 1,000 slow connections from 50 addresses (20 each, under the per-client limit): all held
+    check_slow_clients(report("slow-clients-spread-full", suites.slow_clients(service, n_slow=1000, seconds=30,
+                                                                              interval=2.0, sources=50)))
