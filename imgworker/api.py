@@ -221,11 +221,22 @@ class Api:
         """A job for a checked upload, named by a new job id; the file stays
         in tmp/ until :meth:`_enqueue` moves it in the row's transaction."""
         job_id = uuid.uuid4().hex
+        options = self._resolve_auto(options, info)
         with open(upload.path, "rb") as fh:
             os.fsync(fh.fileno())  # the job row promises the bytes are on disk
         job = NewJob(job_id, str(self.storage.upload_path(job_id, info.format)), upload.filename, upload.size,
                      info.format, priority, options, batch_id)
         return job, upload
+
+    def _resolve_auto(self, options: dict[str, Any], info: imaging.Probe) -> dict[str, Any]:
+        """``format=auto`` (asked for, or the OUTPUT_FORMAT default) becomes
+        the best format this client's Accept header takes, decided now and
+        recorded on the job: the worker never sees the request."""
+        if (options.get("format") or self.cfg.output_format) != "auto":
+            return options
+        accept = bottle.request.get_header("Accept", "")[:1000]
+        chosen = imaging.output_format("auto", info, accept)
+        return {**options, "format": chosen, "formatRequested": "auto", "accept": accept[:200]}
 
     def _enqueue(self, staged: list[tuple[NewJob, UploadedFile]]) -> list[int]:
         """Write the rows and move the uploads into uploads/ in one
@@ -384,6 +395,9 @@ class Api:
             view["errorCode"] = job["error_code"]
         if job["result"]:
             view["result"] = job["result"]
+        options = job.get("options") or {}
+        if options.get("formatRequested") == "auto":
+            view["format"] = {"requested": "auto", "chosen": options.get("format"), "accept": options.get("accept", "")}
         return view
 
     def _find(self, job_id: str) -> dict[str, Any]:
@@ -483,7 +497,8 @@ class Api:
         c = self.cfg
         return {"maxWidth": c.max_image_width, "maxHeight": c.max_image_height, "quality": c.compression_quality,
                 "maxFileSizeMb": c.max_file_size_mb, "batchMaxFiles": c.batch_max_files,
-                "formats": list(c.supported_formats), "outputFormat": c.output_format}
+                "formats": list(c.supported_formats), "outputFormat": c.output_format,
+                "outputFormats": list(config_mod.OUTPUT_FORMATS), "avifSpeed": c.avif_speed}
 
     def get_metrics(self) -> bottle.HTTPResponse:
         live, _ = self._supervisors()

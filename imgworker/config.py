@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-FORMATS = ("jpeg", "png", "webp", "gif")
-OUTPUT_FORMATS = ("webp", "jpeg", "png", "original")
+from . import formats as formats_mod
+
+FORMATS = formats_mod.READABLE  # input formats whose decoder this install has
+OUTPUT_FORMATS = formats_mod.OUTPUT_CHOICES  # webp jpeg png [avif] original auto
 ENVIRONMENTS = ("development", "production", "test")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -69,8 +71,11 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
 def _formats(raw: str) -> tuple[str, ...]:
     names = [part.strip().lower() for part in raw.split(",") if part.strip()]
     names = ["jpeg" if n == "jpg" else n for n in names]
+    names = ["heic" if n in ("heif", "hif") else n for n in names]
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
+        if unknown[0] in formats_mod.MISSING_HINT:
+            raise ValueError(f"{unknown[0]!r} is not available: {formats_mod.MISSING_HINT[unknown[0]]}")
         raise ValueError(f"unknown format {unknown[0]!r} (known: {', '.join(FORMATS)})")
     if not names:
         raise ValueError("needs at least one format")
@@ -87,6 +92,13 @@ def _origins(raw: str) -> tuple[str, ...]:
             raise ValueError(f"{origin!r} is not an origin like https://example.com")
         origins.append(origin)
     return tuple(origins)
+
+
+def _output_format(raw: str) -> str:
+    value = {"jpg": "jpeg"}.get(raw.strip().lower(), raw.strip().lower())
+    if value == "avif" and value not in OUTPUT_FORMATS:
+        raise ValueError(formats_mod.MISSING_HINT["avif"])
+    return _choice(OUTPUT_FORMATS)(value)
 
 
 def _bool(raw: str) -> bool:
@@ -143,7 +155,8 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("MAX_IMAGE_WIDTH", _int(1, 65535), "1024", "outputs fit within this width"),
     ("MAX_IMAGE_HEIGHT", _int(1, 65535), "1024", "outputs fit within this height"),
     ("COMPRESSION_QUALITY", _float(0.1, 1.0), "0.8", "default encoder quality, 0.1-1.0"),
-    ("SUPPORTED_FORMATS", _formats, "jpeg,png,webp,gif", "input formats accepted (by content)"),
+    ("SUPPORTED_FORMATS", _formats, "jpeg,png,webp,gif",
+     "input formats accepted (by content); add avif, heic (needs imgworker[heif]) to take them"),
     ("RATE_LIMIT_WINDOW_MS", _int(1), "900000", "rate-limit window for work-creating requests"),
     ("RATE_LIMIT_MAX_REQUESTS", _int(1), "100", "work-creating requests per IP per window"),
     ("CORS_ORIGINS", _origins, "", "comma-separated origins allowed to call the API from a browser"),
@@ -163,7 +176,9 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("MAX_FRAMES", _int(1), "1000", "frame count above which an animation is refused"),
     ("MAX_ANIMATION_PIXELS", _int(1), "500000000", "frames x canvas pixels above which an animation is refused"),
     ("BATCH_MAX_FILES", _int(1, 1000), "20", "files per batch request"),
-    ("OUTPUT_FORMAT", _choice(OUTPUT_FORMATS), "webp", "default output format"),
+    ("OUTPUT_FORMAT", _output_format, "webp",
+     "default output format: webp, jpeg, png, avif, original, or auto (picked per upload from the Accept header)"),
+    ("AVIF_SPEED", _int(0, 10), "8", "AVIF encoder speed 0-10: lower is smaller and slower (see README, Formats)"),
     ("MEMORY_PAUSE_PERCENT", _float(0, 100), "90", "stop claiming jobs at or above this memory use"),
     ("MEMORY_RESUME_PERCENT", _float(0, 100), "80", "resume claiming below this memory use"),
     ("WORKER_MAX_RSS_MB", _int(16), "1024", "a worker above this RSS after a job is replaced; its address space is capped at 2x"),

@@ -29,13 +29,23 @@ from typing import Any
 
 from PIL import Image, ImageCms, ImageFile, ImageSequence
 
+from . import formats, isobmff
 from .errors import ImageError
+
+if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
+    import pillow_heif
+
+    # Only the primary picture is ever decoded (no thumbnails, depth maps or
+    # other auxiliary pictures); 10/12-bit HEIC comes out as 8-bit.
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
 
 # Pillow plugin names allowed for each of our format names. A camera MPO is a
 # JPEG with a second picture appended; we treat it as JPEG.
-PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif": ("GIF",)}
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif"}
-CAN_ANIMATE = ("webp", "gif")
+PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif": ("GIF",), "avif": ("AVIF",),
+               "heic": ("HEIF",)}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "avif": "avif"}
+CAN_ANIMATE = ("webp", "gif", "avif")
+MULTI_FRAME_INPUTS = ("gif", "webp", "png", "avif")  # a HEIC's extra top-level pictures are not frames
 
 # Signatures of formats we may be sent, to tell "not an image we accept"
 # (415) from "one of ours, but broken" (422) without trusting Pillow's guess.
@@ -68,11 +78,13 @@ class Limits:
     formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
     quality: int = 80
     output_format: str = "webp"
+    avif_speed: int = 8
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Limits":
         return cls(cfg.max_image_width, cfg.max_image_height, cfg.max_input_pixels, cfg.max_frames,
-                   cfg.max_animation_pixels, tuple(cfg.supported_formats), cfg.quality, cfg.output_format)
+                   cfg.max_animation_pixels, tuple(cfg.supported_formats), cfg.quality, cfg.output_format,
+                   cfg.avif_speed)
 
 
 @dataclass
@@ -87,21 +99,23 @@ class Probe:
     orientation: int = 1
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     within_frame_limit: bool = True
+    alpha: bool = False
 
     @property
     def animated(self) -> bool:
         """Whether the output keeps every frame (when its format can animate).
         Over MAX_FRAMES only the first frame is decoded: the frame count is
         known from the header, so a frame bomb costs nothing."""
-        return self.frames > 1 and self.format in ("gif", "webp", "png") and self.within_frame_limit
+        return self.frames > 1 and self.format in MULTI_FRAME_INPUTS and self.within_frame_limit
 
 
 def sniff(head: bytes) -> str | None:
     """Format name from the first bytes (ours or a known foreign one), or None."""
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    if head[4:12] in (b"ftypavif", b"ftypavis", b"ftypheic", b"ftypmif1", b"ftypheix"):
-        return "avif/heic"
+    family = isobmff.sniff(head)
+    if family is not None:
+        return family  # avif, heic, heif (codec decided by the items) or mp4
     for magic, name in _SIGNATURES:
         if head.startswith(magic):
             return name
@@ -143,6 +157,8 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
     if not head:
         raise ImageError("INVALID_IMAGE", "The file is empty")
     kind = sniff(head)
+    if kind in ("avif", "heic", "heif") and ("avif" in limits.formats or "heic" in limits.formats):
+        kind = _check_heif(path, limits)
     if kind not in limits.formats:
         what = kind.upper() if kind else "not an image format we recognise"
         raise ImageError(
@@ -161,7 +177,7 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
         width, height = im.size
         _pixel_check(width, height, limits)
         frames = 1
-        if kind in ("gif", "webp", "png"):
+        if kind in MULTI_FRAME_INPUTS:
             frames = int(getattr(im, "n_frames", 1) or 1)
             # The frames x canvas budget bounds the work; an animation within
             # it but longer than MAX_FRAMES is kept as a still (see Probe.animated).
@@ -175,13 +191,28 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
         orientation = _orientation(im)
         if orientation >= 5:
             width, height = height, width
-        return im, Probe(kind, width, height, frames, orientation, dict(im.info), frames <= limits.max_frames)
+        alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+        return im, Probe(kind, width, height, frames, orientation, dict(im.info), frames <= limits.max_frames,
+                         alpha=alpha)
     except ImageError:
         im.close()
         raise
     except Exception as exc:
         im.close()
         raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt", detail=_why(exc)) from None
+
+
+def _check_heif(path: Path, limits: Limits) -> str:
+    """The format of a HEIF-family file from its items ("avif" or "heic"),
+    after its header passed every limit (see isobmff.inspect)."""
+    try:
+        with open(path, "rb") as fh:
+            header = isobmff.inspect(fh, limits.max_input_pixels, limits.max_animation_pixels)
+    except isobmff.HeaderError as exc:
+        raise ImageError(exc.code, exc.message) from None
+    except OSError as exc:
+        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
+    return header.format
 
 
 def probe(path: Path | str, limits: Limits) -> Probe:
@@ -248,7 +279,8 @@ def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) 
     return frame
 
 
-def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str, quality: int) -> bytes:
+def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str, quality: int,
+            avif_speed: int = 8) -> bytes:
     buf = io.BytesIO()
     first = frames[0]
     first.info = {}  # never carry EXIF/XMP/ICC/comments into the output
@@ -269,6 +301,15 @@ def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str
                            loop=loop, quality=quality, method=4)
         else:
             frames[0].save(buf, "WEBP", quality=quality, method=4)
+    elif fmt == "avif":
+        frames = [f if f.mode in ("RGB", "RGBA") else f.convert("RGBA" if "A" in f.mode else "RGB") for f in frames]
+        # One encoder thread: the worker pool already keeps every core busy.
+        options = dict(quality=formats.avif_quality(quality), speed=avif_speed, max_threads=1)
+        if len(frames) > 1:
+            frames[0].save(buf, "AVIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop,
+                           **options)
+        else:
+            frames[0].save(buf, "AVIF", **options)
     elif fmt == "gif":
         if len(frames) > 1:
             frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=durations,
@@ -302,6 +343,19 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
     return frames, durations, int(im.info.get("loop", 0) or 0)
 
 
+def output_format(requested: str, info: Probe, accept: str | None = None) -> str:
+    """The concrete output format: "original" keeps the input's (a HEIC
+    becomes JPEG, or PNG with alpha: browsers do not show HEIC); "auto"
+    follows ``accept`` (see formats.negotiate)."""
+    if requested == "auto":
+        return formats.negotiate(accept, info.alpha, info.animated)
+    if requested == "original":
+        if info.format == "heic":
+            return "png" if info.alpha else "jpeg"
+        return info.format
+    return requested
+
+
 def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str, Any], limits: Limits,
             original_name: str = "") -> dict[str, Any]:
     """Run the whole pipeline on ``src``; write ``out_dir/processed_<job_id>.<ext>``.
@@ -324,7 +378,7 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
         im, info = _open(src, limits)
         try:
             fmt = options.get("format") or limits.output_format
-            fmt = info.format if fmt == "original" else fmt
+            fmt = output_format(fmt, info, options.get("accept"))
             size = fit(info.width, info.height, box_w, box_h)
             animate = info.animated and fmt in CAN_ANIMATE
             try:
@@ -339,7 +393,7 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
                 raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated",
                                  detail=_why(exc)) from None
             try:
-                data = _encode(frames, durations, loop, fmt, quality)
+                data = _encode(frames, durations, loop, fmt, quality, limits.avif_speed)
             except MemoryError:
                 raise ImageError("IMAGE_TOO_LARGE", "Encoding the image needs more memory than the worker has") from None
         finally:

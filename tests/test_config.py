@@ -51,6 +51,7 @@ EVERY_KEY = {
     "TRUST_PROXY": ("yes", True), "LOG_LEVEL": ("DEBUG", "debug"), "LOG_FORMAT": ("JSON", "json"),
     "MAX_CONNECTIONS": ("2000", 2000), "MAX_CONNECTIONS_PER_CLIENT": ("8", 8), "HEADER_TIMEOUT_MS": ("5000", 5000),
     "BODY_MIN_BYTES_PER_S": ("1024", 1024), "MIN_FREE_DISK_MB": ("64", 64), "MAX_CLIENT_PRIORITY": ("5", 5),
+    "AVIF_SPEED": ("6", 6),
 }
 
 
@@ -80,7 +81,8 @@ def test_seed_env_loads_unchanged_and_environment_wins(tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("PORT", "abc"), ("PORT", "70000"), ("MAX_CONCURRENT_JOBS", "0"), ("COMPRESSION_QUALITY", "1.5"),
-    ("COMPRESSION_QUALITY", "0.05"), ("SUPPORTED_FORMATS", "jpeg,bmp"), ("OUTPUT_FORMAT", "avif"),
+    ("COMPRESSION_QUALITY", "0.05"), ("SUPPORTED_FORMATS", "jpeg,bmp"), ("OUTPUT_FORMAT", "tiff"),
+    ("AVIF_SPEED", "11"),
     ("TRUST_PROXY", "maybe"), ("CORS_ORIGINS", "not an origin"), ("LOG_LEVEL", "loud"),
     ("LOG_FORMAT", "xml"), ("MAX_CONNECTIONS", "3"), ("HEADER_TIMEOUT_MS", "5"),
     ("MEMORY_RESUME_PERCENT", "95"), ("MAX_FILE_SIZE_MB", "-1"), ("NODE_ENV", "staging"),
