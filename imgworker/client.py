@@ -30,6 +30,9 @@ from . import imaging, log
 from .errors import ImageError
 
 LOG = log.get("client")
+# What this client takes back for format=auto: it writes files, so any
+# format; AVIF first (the server and the local fallback negotiate the same way).
+ACCEPT = "image/avif,image/webp,*/*;q=0.8"
 MAX_RETRY_AFTER_S = 10
 Progress = Callable[[str, str, dict], None]  # (file, stage, details)
 
@@ -200,7 +203,7 @@ class ServerApiClient:
     def _post_upload(self, path: str, files: list[tuple[str, str, bytes]], fields: dict[str, str]) -> tuple[int, Any]:
         body, ctype = _multipart(files, fields)
         for attempt in range(2):
-            status, headers, data = self._json("POST", path, body=body, headers={"Content-Type": ctype})
+            status, headers, data = self._json("POST", path, body=body, headers={"Content-Type": ctype, "Accept": ACCEPT})
             if status != 429:
                 return status, data
             wait = min(MAX_RETRY_AFTER_S, int(headers.get("retry-after", "1") or 1))
@@ -359,6 +362,7 @@ class ServerApiClient:
         LOG.debug("Processing %s on client (%s)", path.name, reason)
         notify(str(path), "processing", {"source": "local"})
         tmp = Path(tempfile.mkdtemp(prefix="imgworker-client-"))
+        options = {**options, "accept": ACCEPT} if options.get("format") == "auto" else options
         try:
             result = imaging.process(path, tmp, uuid.uuid4().hex, options, self.limits, path.name)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -601,6 +605,11 @@ def cli(cfg: Any, args: Any) -> int:
         if existing:
             if not args.local and not client.check_server_health():
                 console.line(f"Server {client.server_url} unavailable: processing on this machine", sys.stderr)
+            writes = client.server_limits.get("outputFormats") if not args.local else None
+            if args.format and writes and args.format not in writes:
+                console.line(f"imgworker: the server does not write {args.format}; it writes {', '.join(writes)}",
+                             sys.stderr)
+                return 2
             results += client.process_batch(existing, args.out, options, args.priority, local=args.local,
                                             progress=lambda name, stage, _d: console.stage(name, stage),
                                             on_result=show)

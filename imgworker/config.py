@@ -178,7 +178,7 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("BATCH_MAX_FILES", _int(1, 1000), "20", "files per batch request"),
     ("OUTPUT_FORMAT", _output_format, "webp",
      "default output format: webp, jpeg, png, avif, original, or auto (picked per upload from the Accept header)"),
-    ("AVIF_SPEED", _int(0, 10), "8", "AVIF encoder speed 0-10: lower is smaller and slower (see README, Formats)"),
+    ("AVIF_SPEED", _int(0, 10), "6", "AVIF encoder speed 0-10: lower is smaller and slower (see README, Formats)"),
     ("MEMORY_PAUSE_PERCENT", _float(0, 100), "90", "stop claiming jobs at or above this memory use"),
     ("MEMORY_RESUME_PERCENT", _float(0, 100), "80", "resume claiming below this memory use"),
     ("WORKER_MAX_RSS_MB", _int(16), "1024", "a worker above this RSS after a job is replaced; its address space is capped at 2x"),

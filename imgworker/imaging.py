@@ -78,7 +78,7 @@ class Limits:
     formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
     quality: int = 80
     output_format: str = "webp"
-    avif_speed: int = 8
+    avif_speed: int = 6
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Limits":
@@ -280,7 +280,7 @@ def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) 
 
 
 def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str, quality: int,
-            avif_speed: int = 8) -> bytes:
+            avif_speed: int = 6) -> bytes:
     buf = io.BytesIO()
     first = frames[0]
     first.info = {}  # never carry EXIF/XMP/ICC/comments into the output

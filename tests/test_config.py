@@ -51,7 +51,7 @@ EVERY_KEY = {
     "TRUST_PROXY": ("yes", True), "LOG_LEVEL": ("DEBUG", "debug"), "LOG_FORMAT": ("JSON", "json"),
     "MAX_CONNECTIONS": ("2000", 2000), "MAX_CONNECTIONS_PER_CLIENT": ("8", 8), "HEADER_TIMEOUT_MS": ("5000", 5000),
     "BODY_MIN_BYTES_PER_S": ("1024", 1024), "MIN_FREE_DISK_MB": ("64", 64), "MAX_CLIENT_PRIORITY": ("5", 5),
-    "AVIF_SPEED": ("6", 6),
+    "AVIF_SPEED": ("9", 9),
 }
 
 

@@ -90,7 +90,7 @@ def test_avif_output_keeps_alpha(tmp_path):
 
 
 def test_avif_quality_mapping_and_speed_setting(tmp_path):
-    assert formats.avif_quality(80) == 50 and formats.avif_quality(100) == 100 and formats.avif_quality(1) == 1
+    assert formats.avif_quality(80) == 66 and formats.avif_quality(100) == 100 and formats.avif_quality(1) == 1
     assert all(formats.avif_quality(q) <= formats.avif_quality(q + 1) for q in range(1, 100))
     photo = Image.radial_gradient("L").resize((512, 512)).convert("RGB")
     photo = Image.merge("RGB", (photo.getchannel(0), photo.rotate(90).getchannel(0), Image.effect_noise((512, 512), 40)))
@@ -103,8 +103,8 @@ def test_avif_quality_mapping_and_speed_setting(tmp_path):
 
 
 def test_settings_take_avif_and_refuse_missing_decoders(monkeypatch):
-    cfg = config.load({"OUTPUT_FORMAT": "avif", "AVIF_SPEED": "6", "SUPPORTED_FORMATS": "jpeg,avif"}, dotenv=None)
-    assert cfg.output_format == "avif" and cfg.avif_speed == 6 and cfg.supported_formats == ("jpeg", "avif")
+    cfg = config.load({"OUTPUT_FORMAT": "avif", "AVIF_SPEED": "9", "SUPPORTED_FORMATS": "jpeg,avif"}, dotenv=None)
+    assert cfg.output_format == "avif" and cfg.avif_speed == 9 and config.load({}, dotenv=None).avif_speed == 6 and cfg.supported_formats == ("jpeg", "avif")
     assert config.load({}, dotenv=None).supported_formats == ("jpeg", "png", "webp", "gif")  # SPEC §3 default
     monkeypatch.setattr(config, "FORMATS", formats.BASE_FORMATS + ("avif",))  # as without pillow-heif
     with pytest.raises(config.ConfigError, match=r"SUPPORTED_FORMATS.*pillow-heif"):
@@ -365,3 +365,16 @@ def test_truncated_and_wrong_brand(tmp_path, cut):
     with pytest.raises(ImageError) as err:
         imaging.probe(_write(tmp_path, mp4), ALL)
     assert err.value.code == "UNSUPPORTED_FORMAT"
+
+
+def test_python_client_auto_falls_back_locally_to_the_same_choice(tmp_path):
+    from imgworker.client import ServerApiClient
+
+    from helpers import free_port
+
+    src = tmp_path / "photo.jpg"
+    src.write_bytes(image_bytes("JPEG", (80, 60)))
+    client = ServerApiClient(f"http://127.0.0.1:{free_port()}", limits=ALL)  # nothing listens there
+    result = client.process_file(src, tmp_path / "out", {"format": "auto"})
+    assert result.source == "local" and result.output.endswith(".avif")
+    assert Image.open(result.output).format == "AVIF"

@@ -40,10 +40,32 @@ async function checkServer() {
     status.textContent = "Server unavailable: images will be processed in your browser";
   }
   status.className = serverUp ? "ok" : "down";
+  showFormats();
   $("#limits").textContent = `${limits.formats.map((f) => f.toUpperCase()).join(", ")}; up to ` +
     `${limits.maxFileSizeMb} MB each, ${limits.batchMaxFiles} at a time; resized to fit ` +
     `${limits.maxWidth}×${limits.maxHeight}.`;
   return serverUp;
+}
+
+// The output choices and the file picker follow what this server writes and
+// accepts (/api/health: limits.outputFormats, limits.formats).
+const FORMAT_LABELS = { webp: "WebP", jpeg: "JPEG (progressive)", png: "PNG", avif: "AVIF (smaller, slower)",
+                        original: "Same as the original", auto: "Best for this browser (AVIF, WebP or JPEG)" };
+const INPUT_TYPES = { jpeg: "image/jpeg", png: "image/png", webp: "image/webp", gif: "image/gif",
+                      avif: "image/avif,.avif", heic: "image/heic,image/heif,.heic,.heif" };
+function showFormats() {
+  const select = $("#format");
+  if (limits.outputFormats) {
+    const chosen = select.value;
+    select.replaceChildren(...limits.outputFormats.filter((f) => FORMAT_LABELS[f]).map((f) => {
+      const option = document.createElement("option");
+      option.value = f;
+      option.textContent = FORMAT_LABELS[f];
+      return option;
+    }));
+    select.value = limits.outputFormats.includes(chosen) ? chosen : (limits.outputFormat || "webp");
+  }
+  $("#file-input").accept = limits.formats.map((f) => INPUT_TYPES[f] || `image/${f}`).join(",");
 }
 
 // ---- one row per file -------------------------------------------------------
