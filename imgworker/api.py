@@ -32,7 +32,7 @@ from . import imaging, log
 from . import server as server_mod
 from .backends import open_queue
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
-from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, creates_work, json_error, secure
+from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, client_of, creates_work, json_error, secure
 from .metrics import Metrics, pool_summary
 from .ratelimit import RateLimiter
 from .server import Refusal, RequestHead, free_bytes
@@ -170,7 +170,7 @@ class Api:
         """Count ``wanted`` jobs against the client's rate limit; how many
         fit (429 when none does). The client address is REMOTE_ADDR:
         Waitress sets it from X-Forwarded-For only with TRUST_PROXY."""
-        granted, headers = self.ratelimit.take(bottle.request.environ.get("REMOTE_ADDR", "?"), wanted)
+        granted, headers = self.ratelimit.take(client_of(bottle.request.environ.get("REMOTE_ADDR", "?")), wanted)
         bottle.request.environ["imgworker.headers"] = headers
         if not granted:
             self.metrics.rejected("RATE_LIMITED")

@@ -8,6 +8,7 @@ modules (ratelimit, metrics, server).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
@@ -52,12 +53,27 @@ def creates_work(method: str, path: str) -> bool:
 
 
 def client_key(peer: str, forwarded_for: str | None, trust_proxy: bool) -> str:
-    """The client address as the rate limit sees it. Behind a trusted proxy
-    it is the last X-Forwarded-For hop (the one the proxy added), the same
-    address Waitress puts in REMOTE_ADDR; otherwise the peer."""
+    """The client as the rate limit sees it. Behind a trusted proxy it is
+    the last X-Forwarded-For hop (the one the proxy added), the same address
+    Waitress puts in REMOTE_ADDR; otherwise the peer. See :func:`client_of`."""
     if trust_proxy and forwarded_for:
-        return forwarded_for.rsplit(",", 1)[-1].strip() or peer
-    return peer
+        return client_of(forwarded_for.rsplit(",", 1)[-1].strip() or peer)
+    return client_of(peer)
+
+
+def client_of(host: str) -> str:
+    """The key of per-client limits (connections, rate): the IPv4 address, or the /64
+    of an IPv6 one (a single host commonly holds a whole /64, so counting
+    single IPv6 addresses would let one client open a connection per address)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def security_headers(path: str, cfg: config_mod.Config) -> list[tuple[str, str]]:

@@ -54,7 +54,7 @@ from waitress.utilities import Error
 
 from . import config as config_mod
 from . import log
-from .http import body_limit, json_error, security_headers
+from .http import body_limit, client_of, json_error, security_headers
 from .metrics import Metrics
 
 LOG = log.get("api")
@@ -175,9 +175,13 @@ class Parser(HTTPRequestParser):
 
     def _refuse(self, error: Error) -> None:
         # completed with an error: the channel queues an error task, stops
-        # reading, answers and closes; the body is never buffered
+        # reading, answers and closes; the body is never buffered. No
+        # "100 Continue" either: the channel would send one (and mark the
+        # request incomplete again) for a client that sent Expect, inviting
+        # the very body we refuse
         self.error = error
         self.completed = True
+        self.expect_continue = False
 
     def received(self, data: bytes) -> int:
         consumed = super().received(data)
@@ -276,7 +280,7 @@ class Server(TcpWSGIServer):
             self._admit(conn, self.fix_addr(addr))
 
     def _admit(self, conn: socket.socket, addr: Any) -> None:
-        client = addr[0]
+        client = client_of(addr[0])
         cfg = self.edge.cfg
         if not cfg.trust_proxy and self.per_client[client] >= cfg.max_connections_per_client:
             self._refuse(conn, "TOO_MANY_CONNECTIONS",
@@ -312,7 +316,7 @@ class Server(TcpWSGIServer):
         with self._lock:
             if id(channel) in self._counted:
                 self._counted.discard(id(channel))
-                client = channel.addr[0]
+                client = client_of(channel.addr[0])
                 self.per_client[client] -= 1
                 if self.per_client[client] <= 0:
                     del self.per_client[client]

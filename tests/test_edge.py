@@ -280,3 +280,29 @@ def test_at_the_connection_limit_the_least_active_is_closed(api_server):
     finally:
         for s in held:
             s.close()
+
+
+def test_expect_continue_refusals_send_no_continue(api_server):
+    # curl sends "Expect: 100-continue" for large bodies: a refusal must come
+    # instead of the 100 Continue that invites the body
+    http, api = api_server(RATE_LIMIT_MAX_REQUESTS=1, MAX_FILE_SIZE_MB=1)
+    body, ctype = multipart(files=[("image", "a.jpg", JPEG)])
+    expect = "Expect: 100-continue\r\n"
+    with socket.create_connection(("127.0.0.1", http.port), timeout=5) as s:
+        s.sendall(post_head("/api/process/single", len(body), ctype, expect))
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        assert reply_of(s)[0] == 202
+    for head, want in ((post_head("/api/process/single", 50 * 2**20, extra=expect), 413),
+                       (post_head("/api/process/batch", 1000, extra=expect), 429)):
+        status, _, reply = exchange(http.port, head)
+        assert status == want, (status, reply)
+
+
+def test_connection_limit_key_groups_ipv6_by_64():
+    from imgworker.http import client_of
+
+    assert client_of("203.0.113.9") == "203.0.113.9"
+    assert client_of("2001:db8:1:2:aaaa::1") == client_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_of("2001:db8:1:3::1") != client_of("2001:db8:1:2::1")
+    assert client_of("::ffff:198.51.100.7") == "198.51.100.7"
