@@ -119,6 +119,7 @@ class Api:
         r("/api/job/<job_id>", "DELETE", self.cancel_job)
         r("/api/job/<job_id>/retry", "POST", self.retry_job)
         r("/api/batch/<batch_id>", "GET", self.get_batch)
+        r("/api/batch/<batch_id>/download", "GET", self.download_batch)
         r("/api/images/<filename>", ["GET", "HEAD"], self.get_image)
         r("/api/stats", "GET", self.get_stats)
         r("/api/health", "GET", self.get_health)
@@ -434,6 +435,25 @@ class Api:
             "cancelled": count("cancelled"), "done": count("completed", "failed", "cancelled") == len(jobs),
             "jobs": [self._job_view(j) for j in jobs],
         })
+
+    def download_batch(self, batch_id: str) -> bottle.HTTPResponse:
+        """A zip of the batch's completed outputs, streamed (see bundle.py)."""
+        from .bundle import entry_names, stream_zip
+
+        jobs = self.queue.batch(batch_id) if JOB_ID.fullmatch(batch_id) else []
+        if not jobs:
+            raise NotFound(f"Batch {batch_id[:64]} not found")
+        pairs = []
+        for job in jobs:
+            path = self.storage.output_file(Path(job["output_path"]).name) if job["status"] == "completed" \
+                and job["output_path"] else None
+            if path is not None:  # only files the service wrote, inside processed/
+                pairs.append((job["original_name"], path))
+        if not pairs:
+            raise ServiceError("No file of this batch has been processed yet", "CONFLICT", 409)
+        return bottle.HTTPResponse(stream_zip(entry_names(pairs)), 200, **{
+            "Content-Type": "application/zip", "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="images-{batch_id[:8]}.zip"'})
 
     def get_image(self, filename: str) -> Any:
         path = self.storage.output_file(filename)

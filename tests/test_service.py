@@ -254,3 +254,26 @@ def test_errors_speak_to_users_and_details_go_to_the_log(served):
     wait_for(lambda: "Failure detail:" in svc.log(), 5, message="worker detail logged")
     log = svc.log()
     assert re.search(r"Refused POST /api/process/single: The PNG file is corrupt.*; \w+Error", log)
+
+
+def test_batch_download_is_a_zip_of_the_outputs(served):
+    """The page's "Download all": one zip of a batch's outputs, named after
+    the originals (duplicates numbered), bytes identical to /api/images."""
+    import zipfile
+
+    svc, http = served()
+    files = [("images", "cat.jpg", image_bytes("JPEG", (1500, 900))), ("images", "cat.png", image_bytes("PNG", (90, 60))),
+             ("images", "../../etc/dog.gif", image_bytes("GIF", (40, 40)))]
+    r = http.upload("/api/process/batch", files=files)
+    batch = r.json["batchId"]
+    wait_for(lambda: http.get(f"/api/batch/{batch}").json["done"], 30, interval=0.05, message="batch done")
+    z = http.get(f"/api/batch/{batch}/download")
+    assert z.status == 200 and z.getheader("Content-Type") == "application/zip"
+    assert "attachment" in z.getheader("Content-Disposition")
+    archive = zipfile.ZipFile(io.BytesIO(z.body))
+    assert archive.namelist() == ["cat.webp", "cat-1.webp", "dog.webp"]
+    jobs = http.get(f"/api/batch/{batch}").json["jobs"]
+    for name, job in zip(archive.namelist(), jobs):
+        assert archive.read(name) == http.get(job["result"]["processedFile"]["url"]).body
+    assert http.get("/api/batch/" + "0" * 32 + "/download").status == 404
+    assert http.get("/api/batch/..%2f..%2fetc/download").status == 404

@@ -1,11 +1,18 @@
-"""The web page in real headless Chromium (Debian's package, driven by Playwright)."""
+"""The web page and the dashboard in real headless Chromium (Debian's package,
+driven by Playwright), against a real `imgworker serve`, under the API's
+strict Content-Security-Policy (a violation is a console error: asserted
+absent). Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import signal
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from helpers import Http, free_port, image_bytes
 from conftest import ROOT, wait_for
@@ -14,6 +21,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DONE = ".card[data-state=done]"
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +35,49 @@ def browser():
         b.close()
 
 
+class Site:
+    """A served imgworker and a Chromium page on it."""
+
+    def __init__(self, browser, service, env, path="/", init=None):
+        self.port = free_port()
+        self.env = env
+        self.service = service
+        self.svc = service("serve", PORT=self.port, **env)
+        self.http = Http(f"http://127.0.0.1:{self.port}")
+        wait_for(self.up, 20, interval=0.1, message="server up")
+        self.page = browser.new_page(viewport={"width": 1100, "height": 800})
+        if init:
+            self.page.add_init_script(init)
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.goto(self.http.base + path)
+
+    def up(self):
+        try:
+            return self.http.get("/api/health").status == 200
+        except OSError:
+            return False
+
+    def restart(self):
+        """A new serve on the same port and data directory (after a kill)."""
+        self.svc = self.service("serve", PORT=self.port, **self.env)
+        return self.svc
+
+
 @pytest.fixture
-def page_on(browser, service, tmp_path):
-    def open_page(**env):
-        port = free_port()
-        svc = service("serve", PORT=port, **env)
-        http = Http(f"http://127.0.0.1:{port}")
-        wait_for(lambda: _up(http), 20, interval=0.1, message="server up")
-        page = browser.new_page()
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(http.base + "/")
-        page.wait_for_selector("#server-status.ok")
-        return svc, page, errors
+def site(browser, service):
+    made = []
 
-    return open_page
+    def open_site(path="/", init=None, **env):
+        s = Site(browser, service, env, path, init)
+        made.append(s)
+        if path == "/":
+            s.page.wait_for_selector("#server-status.ok, #server-status.busy")
+        return s
 
-
-def _up(http):
-    try:
-        return http.get("/api/health").status == 200
-    except OSError:
-        return False
+    yield open_site
+    for s in made:
+        s.page.close()
 
 
 def files(tmp_path, specs):
@@ -65,54 +94,165 @@ def shot(page, name):
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
-def test_upload_two_images_see_thumbnails_and_links(page_on, tmp_path):
-    svc, page, errors = page_on()
+def noisy_jpeg(size=(3000, 2000)):
+    """A photo-like JPEG that keeps a worker busy for about a quarter second."""
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_pick_remove_upload_progress_compare_download_all(site, tmp_path, corpus):
+    s = site()
+    page = s.page
     assert page.get_attribute("#drop-zone", "aria-label")
     assert page.locator("label[for=format]").count() == 1 and page.locator("label[for=priority]").count() == 1
-    page.set_input_files("#file-input", files(tmp_path, [("one.jpg", image_bytes("JPEG", (2400, 1600))),
-                                                          ("two.png", image_bytes("PNG", (800, 600)))]))
+    assert "workers busy" in page.inner_text("#server-status")  # live status, not a fixed "available"
+    page.set_input_files("#file-input", files(tmp_path, [
+        ("waterfall.jpg", (corpus / "good" / "Landscape_0.jpg").read_bytes()),   # 1800x1200
+        ("flower.webp", (corpus / "good" / "flower.webp").read_bytes()),         # 480x360
+        ("oops.gif", image_bytes("GIF", (64, 64))),
+        ("evil.jpg", b"<?php system($_GET['c']); ?>"),
+    ]))
+    cards = page.locator("#files .card")
+    assert cards.count() == 4 and page.inner_text("#submit") == "Process 4 images"
+    wait_for(lambda: cards.nth(0).locator(".thumb img").evaluate("i => i.complete && i.naturalWidth") == 1800, 5,
+             message="preview of a picked file")
+    shot(page, "web-picked.png")
+    page.click("#files .card:nth-child(3) .remove")  # changed my mind about oops.gif
+    assert cards.count() == 3 and page.inner_text("#submit") == "Process 3 images"
     page.focus("#submit")
     page.keyboard.press("Enter")  # keyboard operable
-    page.locator("#files .file.done").nth(1).wait_for(timeout=30000)  # (the strict CSP forbids wait_for_function)
-    rows = page.locator("#files .file")
-    for i in range(2):
-        row = rows.nth(i)
-        assert row.locator(".thumb img").count() == 1
-        link = row.locator(".links a")
+    page.wait_for_selector("#overall.finished", timeout=30000)
+    assert [c.get_attribute("data-state") for c in cards.all()] == ["done", "done", "failed"]
+    summary = page.inner_text("#summary-text")
+    assert summary.startswith("2 of 3 done · 1 failed · saved ") and "%" in summary
+    assert page.locator("#overall-progress").evaluate("p => p.value") == 100
+    for i, (name, width) in enumerate([("waterfall.webp", 1024), ("flower.webp", 480)]):
+        link = cards.nth(i).locator("a.download")
         assert link.get_attribute("href").startswith("/api/images/processed_")
-        assert link.get_attribute("download") == ("one.webp" if i == 0 else "two.webp")
-        assert "saved" in row.locator(".detail").inner_text()
-        natural = row.locator(".thumb img").evaluate("img => img.naturalWidth")
-        assert natural == 1024 if i == 0 else natural == 800
-    shot(page, "web-two-images.png")
-    assert not errors, errors
+        assert link.get_attribute("download") == name
+        assert cards.nth(i).locator(".thumb img").evaluate("i => i.naturalWidth") == width
+        assert "saved" in cards.nth(i).locator(".detail").inner_text()
+    bad = cards.nth(2)
+    assert "Unsupported file type" in bad.inner_text() and "UNSUPPORTED_FORMAT" in bad.inner_text()
+    assert not bad.locator(".retry").is_visible()  # a file judged broken would only fail again
+    assert not bad.locator(".download").is_visible()
+    shot(page, "web-batch-done.png")
+    # before / after
+    cards.nth(0).locator(".compare").click()
+    page.wait_for_selector("#compare-dialog[open]")
+    page.fill("#compare-range", "30")
+    assert "inset(0px 70%" in page.locator(".before-clip").evaluate("e => getComputedStyle(e).clipPath")
+    shot(page, "web-compare.png")
+    page.click("#compare-close")
+    # download all: one zip with both results, named after the originals
+    with page.expect_download() as download:
+        page.click("#download-all")
+    archive = zipfile.ZipFile(download.value.path())
+    assert archive.namelist() == ["waterfall.webp", "flower.webp"]
+    assert Image.open(io.BytesIO(archive.read("waterfall.webp"))).size == (1024, 683)
+    # phone width: no horizontal scrolling, the cards still readable
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "web-phone.png")
+    page.click("#clear")
+    assert cards.count() == 0 and page.is_hidden("#overall")
+    assert not s.errors, s.errors
 
 
-def test_bad_file_shows_its_error(page_on, tmp_path):
-    svc, page, errors = page_on()
-    page.set_input_files("#file-input", files(tmp_path, [("evil.jpg", b"<?php system($_GET['c']); ?>")]))
+def test_retry_a_failed_file(site, tmp_path):
+    """A job that failed (timed out with no retries left) is retried from its
+    card once the operator has raised the timeout (SIGHUP reload)."""
+    (tmp_path / ".env").write_text("JOB_TIMEOUT_MS=50\n")
+    s = site(MAX_RETRIES=0, MAX_CONCURRENT_JOBS=1)
+    page = s.page
+    page.set_input_files("#file-input", files(tmp_path, [("slow.jpg", noisy_jpeg())]))
     page.click("#submit")
-    page.wait_for_selector("#files .file.failed", timeout=20000)
-    text = page.locator("#files .file.failed .detail").inner_text()
-    assert "Unsupported file type" in text and "UNSUPPORTED_FORMAT" in text
-    shot(page, "web-bad-file.png")
+    card = page.locator("#files .card")
+    page.wait_for_selector(".card[data-state=failed]", timeout=30000)
+    assert "TIMEOUT" in card.inner_text()
+    shot(page, "web-failed.png")
+    (tmp_path / ".env").write_text("JOB_TIMEOUT_MS=30000\n")
+    s.svc.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: s.svc.log().count("JOB_TIMEOUT_MS 50 -> 30000") == 2, 10, message="reloaded")
+    card.locator(".retry").click()
+    page.wait_for_selector(DONE, timeout=30000)
+    (job,) = s.svc.queue.list()
+    assert job["status"] == "completed"  # the same job, retried: not a second upload
+    assert card.locator("a.download").get_attribute("href") == f"/api/images/processed_{job['id']}.webp"
 
 
-def test_server_stopped_processes_in_browser(page_on, tmp_path):
-    svc, page, errors = page_on()
-    svc.stop()
-    page.set_input_files("#file-input", files(tmp_path, [("big.png", image_bytes("PNG", (2048, 1024)))]))
+def test_cancel_a_waiting_file(site, tmp_path):
+    s = site(MEMORY_PAUSE_PERCENT=0, MEMORY_RESUME_PERCENT=0)  # paused: jobs wait
+    page = s.page
+    page.set_input_files("#file-input", files(tmp_path, [("a.png", image_bytes("PNG", (50, 50)))]))
     page.click("#submit")
-    page.wait_for_selector("#files .file.done", timeout=20000)
-    row = page.locator("#files .file.done")
-    assert "Processed in the browser" in row.inner_text()
-    assert row.locator(".links a").get_attribute("href").startswith("blob:")
-    assert row.locator(".links a").get_attribute("download") == "big.webp"
-    assert row.locator(".thumb img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 512]
+    card = page.locator("#files .card")
+    card.locator(".cancel").wait_for(timeout=20000)
+    assert "paused" in page.inner_text("#server-status").lower()
+    card.locator(".cancel").click()
+    page.wait_for_selector(".card[data-state=cancelled]")
+    assert s.svc.queue.list()[0]["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["server-restarted", "server-stays-down"])
+def test_server_killed_mid_batch_no_file_processed_twice(site, tmp_path, comes_back):
+    """The server dies with part of a batch done: the finished files are kept
+    (never redone); the page waits for the server and carries on when it
+    comes back, or finishes the rest in the browser when it does not."""
+    s = site(MAX_CONCURRENT_JOBS=1, init="localStorage.setItem('imgworker.reconnectMs', '2000')" if not comes_back
+             else None)
+    page = s.page
+    data = noisy_jpeg()
+    page.set_input_files("#file-input", files(tmp_path, [(f"p{i}.jpg", data) for i in range(6)]))
+    page.click("#submit")
+    page.locator(DONE).nth(1).wait_for(timeout=60000)
+    s.svc.kill_tree()
+    if comes_back:
+        page.wait_for_selector(".card[data-state=waiting]", timeout=10000)
+        shot(page, "web-waiting-for-server.png")
+        s.restart()
+    page.wait_for_selector("#overall.finished", timeout=90000)
+    cards = page.locator("#files .card")
+    assert [c.get_attribute("data-state") for c in cards.all()] == ["done"] * 6
+    hrefs = [c.locator("a.download").get_attribute("href") for c in cards.all()]
+    server_done = [h for h in hrefs if h.startswith("/api/images/")]
+    assert len(set(hrefs)) == 6 and len(server_done) >= 2
+    assert page.inner_text("#summary-text").startswith("6 of 6 done")
+    if comes_back:
+        assert len(server_done) == 6 and page.locator(".tag.browser:visible").count() == 0
+        jobs = s.svc.queue.list(limit=100)
+        assert len(jobs) == 6 and {j["status"] for j in jobs} == {"completed"}
+    else:
+        in_browser = page.locator(".card:has(.tag.browser:visible)")
+        assert in_browser.count() == 6 - len(server_done) and in_browser.count() >= 1
+        assert all(h.startswith("blob:") for h in hrefs if h not in server_done)
+        assert page.is_visible("#fallback-note")
+        shot(page, "web-server-died.png")
+
+
+def test_server_stopped_processes_in_browser(site, tmp_path):
+    s = site()
+    page = s.page
+    s.svc.stop()
+    page.wait_for_selector("#server-status.down", timeout=15000)  # live status: no stale "ready"
     assert "unavailable" in page.inner_text("#server-status")
+    page.set_input_files("#file-input", files(tmp_path, [("big.png", image_bytes("PNG", (2048, 1024))),
+                                                          ("scan.bmp", image_bytes("BMP", (40, 40)))]))
+    page.click("#submit")
+    page.wait_for_selector("#overall.finished", timeout=20000)
+    done, bmp = page.locator("#files .card").all()
+    assert done.get_attribute("data-state") == "done" and done.locator(".tag.browser").is_visible()
+    assert done.locator("a.download").get_attribute("href").startswith("blob:")
+    assert done.locator("a.download").get_attribute("download") == "big.webp"
+    assert done.locator(".thumb img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 512]
+    # the browser refuses what the server would refuse: identified by its bytes
+    assert bmp.get_attribute("data-state") == "failed" and "UNSUPPORTED_FORMAT" in bmp.inner_text()
+    assert page.locator(".card .tag.browser:visible").count() == 2  # each card tagged once
+    assert page.locator("#fallback-note").count() == 1 and page.is_visible("#fallback-note")
     shot(page, "web-browser-fallback.png")
     page.select_option("#format", "original")  # a PNG stays a PNG
     page.set_input_files("#file-input", files(tmp_path, [("logo.png", image_bytes("PNG", (300, 100)))]))
     page.click("#submit")
-    page.locator("#files .file.done").nth(1).wait_for(timeout=20000)
-    assert page.locator("#files .file.done .links a").nth(1).get_attribute("download") == "logo.png"
+    page.locator(DONE).nth(1).wait_for(timeout=20000)
+    assert page.locator(DONE).nth(1).locator("a.download").get_attribute("download") == "logo.png"
