@@ -120,6 +120,8 @@ class Api:
         r("/api/job/<job_id>/retry", "POST", self.retry_job)
         r("/api/batch/<batch_id>", "GET", self.get_batch)
         r("/api/batch/<batch_id>/download", "GET", self.download_batch)
+        r("/api/dashboard", "GET", self.get_dashboard)
+        r("/dashboard", "GET", self.get_dashboard_page)
         r("/api/images/<filename>", ["GET", "HEAD"], self.get_image)
         r("/api/stats", "GET", self.get_stats)
         r("/api/health", "GET", self.get_health)
@@ -482,9 +484,9 @@ class Api:
         now = time.time() * 1000
         return [s for s in rows if now - s["heartbeat_at"] <= HEALTH_STALE_MS], rows
 
-    def get_stats(self) -> bottle.HTTPResponse:
+    def _stats(self, live: list[dict[str, Any]]) -> dict[str, Any]:
+        """/api/stats: the queue's statistics and what the live supervisors report."""
         stats = self.queue.stats()
-        live, _ = self._supervisors()
         states = [s["state"] for s in live]
         stats.update({
             **pool_summary(states),
@@ -492,7 +494,30 @@ class Api:
             "uptime": round(time.monotonic() - self.started, 1),
             "supervisors": len(live),
         })
-        return self._json(200, stats)
+        return stats
+
+    def get_stats(self) -> bottle.HTTPResponse:
+        return self._json(200, self._stats(self._supervisors()[0]))
+
+    def get_dashboard(self) -> bottle.HTTPResponse:
+        """The dashboard's data in one answer: /api/stats, the supervisors'
+        full state (pool, counters, memory: what /metrics reads), the queue by
+        priority, the last hour per minute and the latest failures."""
+        live, _ = self._supervisors()
+        stats = self._stats(live)
+        now = int(time.time() * 1000)
+        return self._json(200, {
+            "now": now, "stats": stats, "maxQueueSize": self.cfg.max_queue_size,
+            "memoryMarks": {"pause": self.cfg.memory_pause_percent, "resume": self.cfg.memory_resume_percent},
+            "supervisors": [{"id": s["id"], "host": s.get("hostname"), "pid": s.get("pid"),
+                             "heartbeatAgeMs": now - s["heartbeat_at"], "state": s["state"]} for s in live],
+            "byPriority": self.queue.waiting_by_priority(),
+            "activity": self.queue.activity(now - 3_600_000),
+            "recentFailures": self.queue.recent_failures(10),
+        })
+
+    def get_dashboard_page(self) -> Any:
+        return self.get_static("dashboard.html")
 
     def get_health(self) -> bottle.HTTPResponse:
         try:

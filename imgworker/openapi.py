@@ -70,6 +70,16 @@ def document(cfg: config_mod.Config) -> dict[str, Any]:
                               "429": _error("RATE_LIMITED"), "503": _error("QUEUE_FULL")}}},
             "/api/batch/{batchId}": {"parameters": [dict(JOB_PARAM[0], name="batchId")], "get": {
                 "summary": "Batch progress", "responses": {"200": _ok("The batch"), "404": _error("NOT_FOUND")}}},
+            "/api/batch/{batchId}/download": {"parameters": [dict(JOB_PARAM[0], name="batchId")], "get": {
+                "summary": "A zip of the batch's processed images (streamed; names from the originals)",
+                "responses": {"200": {"description": "Zip", "content": {"application/zip": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                              "404": _error("NOT_FOUND"), "409": _error("CONFLICT")}}},
+            "/api/dashboard": {"get": {"summary": "What the operator dashboard shows: statistics, queue by "
+                                                  "priority, pool, memory marks, the last hour per minute, recent failures",
+                                       "responses": {"200": _ok("Dashboard data")}}},
+            "/dashboard": {"get": {"summary": "The operator dashboard", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
             "/api/images/{filename}": {"parameters": [{"name": "filename", "in": "path", "required": True,
                                                        "schema": {"type": "string"}}],
                                        "get": {"summary": "A processed image (ETag, immutable caching)",

@@ -256,3 +256,44 @@ def test_server_stopped_processes_in_browser(site, tmp_path):
     page.click("#submit")
     page.locator(DONE).nth(1).wait_for(timeout=20000)
     assert page.locator(DONE).nth(1).locator("a.download").get_attribute("download") == "logo.png"
+
+
+def test_dashboard_numbers_move_while_jobs_run(site, tmp_path):
+    """The operator dashboard under the strict CSP: tiles, queue, workers and
+    charts follow a batch while it runs; a failure is listed with a retry."""
+    s = site(path="/dashboard", MAX_CONCURRENT_JOBS=1)
+    page = s.page
+    page.wait_for_selector("#service-state.ok", timeout=20000)
+    wait_for(lambda: page.locator("#worker-rows tr td.state-idle").count() == 1, 20, message="the pool row")
+    assert page.inner_text("#kpi-completed") == "0" and page.inner_text("#kpi-waiting-sub") == "of 100 max"
+    assert "claiming pauses at 90%" in page.inner_text("#memory-text")
+    photo = noisy_jpeg()
+    png = image_bytes("PNG", (300, 200))
+    r = s.http.upload("/api/process/batch", files=[("images", f"p{i}.jpg", photo) for i in range(10)]
+                      + [("images", "cut.png", png[: len(png) // 2])])
+    assert r.status == 202 and len(r.json["jobs"]) == 11
+    seen = {"completed": set(), "waiting": set(), "busy": False}
+
+    def finished():
+        seen["completed"].add(page.inner_text("#kpi-completed"))
+        seen["waiting"].add(page.inner_text("#kpi-waiting"))
+        seen["busy"] |= page.locator("#worker-rows td.state-busy").count() > 0
+        return page.inner_text("#kpi-completed") == "10" and page.inner_text("#kpi-failed") == "1"
+
+    wait_for(finished, 60, interval=0.1, message="the dashboard shows the batch done")
+    moving = {int(v) for v in seen["completed"]}
+    assert any(0 < v < 10 for v in moving), moving          # seen while the batch ran, not only before and after
+    assert any(int(v) > 0 for v in seen["waiting"]) and seen["busy"]
+    wait_for(lambda: int(page.get_attribute("#throughput-chart", "data-bars") or 0) >= 1, 5, message="a bar")
+    assert page.locator("#time-chart circle").count() >= 1
+    assert page.inner_text("#status-completed") == "10"
+    failure = page.locator("#failure-rows tr")
+    assert failure.count() == 1 and "INVALID_IMAGE" in failure.inner_text() and "cut.png" in failure.inner_text()
+    shot(page, "dashboard.png")
+    failure.locator("button.retry").click()
+    page.wait_for_selector("#failure-rows button:has-text('Queued')")
+    wait_for(lambda: "Job sent back to the queue by request" in s.svc.log(), 10, message="the retry reached the API")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "dashboard-phone.png")
+    assert not s.errors, s.errors
