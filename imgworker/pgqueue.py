@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from . import db, log, pgdb
 from .errors import Conflict, NotFound, QueueFull
-from .queue import STATUSES, NewJob, RetryPolicy, backoff_ms, now_ms
+from .queue import (ACTIVITY_SQL, BY_PRIORITY_SQL, FAILURES_SQL, STATUSES, NewJob, RetryPolicy, activity_view,
+                    backoff_ms, by_priority_view, failures_view, now_ms)
 
 LOG = log.get("store")
 CHANNEL = "imgworker_jobs"
@@ -443,6 +444,18 @@ class PgJobQueue:
             }
 
         return self._run(op)
+
+    def activity(self, since: int) -> list[dict[str, Any]]:
+        """See JobQueue.activity."""
+        return self._run(lambda c, _r: activity_view(c.execute(ACTIVITY_SQL.format(p="%s"), (since,)).fetchall()))
+
+    def waiting_by_priority(self) -> list[dict[str, Any]]:
+        """See JobQueue.waiting_by_priority."""
+        return self._run(lambda c, _r: by_priority_view(c.execute(BY_PRIORITY_SQL).fetchall()))
+
+    def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
+        """See JobQueue.recent_failures."""
+        return self._run(lambda c, _r: failures_view(c.execute(FAILURES_SQL.format(p="%s"), (limit,)).fetchall()))
 
     # -- housekeeping ---------------------------------------------------------------------------
     def expired(self, older_than: int) -> list[dict[str, Any]]:

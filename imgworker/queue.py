@@ -78,6 +78,44 @@ def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return job
 
 
+# The dashboard's reads, in SQL both stores speak ({p}: the placeholder),
+# and the shapes the API answers with.
+ACTIVITY_SQL = (
+    "SELECT (completed_at / 60000) * 60000 AS minute,"
+    " sum(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS completed,"
+    " sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed,"
+    " avg(CASE WHEN status = 'completed' THEN completed_at - started_at END) AS avg_ms"
+    " FROM jobs WHERE status IN ('completed', 'failed') AND completed_at >= {p}"
+    " GROUP BY minute ORDER BY minute"
+)
+BY_PRIORITY_SQL = (
+    "SELECT priority, status, count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying', 'processing')"
+    " GROUP BY priority, status ORDER BY priority DESC"
+)
+FAILURES_SQL = (
+    "SELECT id, original_name, error_code, error, completed_at, attempts FROM jobs WHERE status = 'failed'"
+    " ORDER BY completed_at DESC LIMIT {p}"
+)
+
+
+def activity_view(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"minute": int(r["minute"]), "completed": int(r["completed"]), "failed": int(r["failed"]),
+             "avgMs": round(r["avg_ms"]) if r["avg_ms"] is not None else None} for r in rows]
+
+
+def by_priority_view(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        out.setdefault(r["priority"], {"priority": r["priority"], "queued": 0, "retrying": 0, "processing": 0})
+        out[r["priority"]][r["status"]] = int(r["n"])
+    return list(out.values())
+
+
+def failures_view(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"jobId": r["id"], "filename": r["original_name"], "code": r["error_code"], "error": r["error"],
+             "failedAt": r["completed_at"], "attempts": r["attempts"]} for r in rows]
+
+
 class JobQueue:
     """All database access of imgworker.
 
@@ -399,40 +437,17 @@ class JobQueue:
         }
 
     def activity(self, since: int) -> list[dict[str, Any]]:
-        """Per minute since ``since`` (ms): jobs completed and failed, and the
-        completed ones' average run time (started_at to completed_at, ms).
-        Only minutes with activity; for the dashboard's charts."""
-        rows = self.conn.execute(
-            "SELECT (completed_at / 60000) * 60000 AS minute,"
-            " sum(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS completed,"
-            " sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed,"
-            " avg(CASE WHEN status = 'completed' THEN completed_at - started_at END) AS avg_ms"
-            " FROM jobs WHERE status IN ('completed', 'failed') AND completed_at >= ?"
-            " GROUP BY minute ORDER BY minute", (since,)
-        ).fetchall()
-        return [{"minute": r["minute"], "completed": r["completed"], "failed": r["failed"],
-                 "avgMs": round(r["avg_ms"]) if r["avg_ms"] is not None else None} for r in rows]
+        """Per minute since ``since`` (ms), minutes with activity only: jobs
+        completed and failed, and the completed ones' average run time."""
+        return activity_view(self.conn.execute(ACTIVITY_SQL.format(p="?"), (since,)).fetchall())
 
     def waiting_by_priority(self) -> list[dict[str, Any]]:
         """Queued, retrying and processing jobs per priority, highest first."""
-        rows = self.conn.execute(
-            "SELECT priority, status, count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying', 'processing')"
-            " GROUP BY priority, status ORDER BY priority DESC"
-        ).fetchall()
-        out: dict[int, dict[str, Any]] = {}
-        for r in rows:
-            out.setdefault(r["priority"], {"priority": r["priority"], "queued": 0, "retrying": 0, "processing": 0})
-            out[r["priority"]][r["status"]] = r["n"]
-        return list(out.values())
+        return by_priority_view(self.conn.execute(BY_PRIORITY_SQL).fetchall())
 
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         """The latest failed jobs, newest failure first."""
-        rows = self.conn.execute(
-            "SELECT id, original_name, error_code, error, completed_at, attempts FROM jobs WHERE status = 'failed'"
-            " ORDER BY completed_at DESC LIMIT ?", (limit,)
-        ).fetchall()
-        return [{"jobId": r["id"], "filename": r["original_name"], "code": r["error_code"], "error": r["error"],
-                 "failedAt": r["completed_at"], "attempts": r["attempts"]} for r in rows]
+        return failures_view(self.conn.execute(FAILURES_SQL.format(p="?"), (limit,)).fetchall())
 
     # -- housekeeping --------------------------------------------------------
     def expired(self, older_than: int) -> list[dict[str, Any]]:

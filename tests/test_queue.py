@@ -202,3 +202,26 @@ def test_enqueue_returns_claim_positions(queue):
     mixed = [NewJob("low", "/in", "x", 1, priority=-1), NewJob("mid", "/in", "x", 1, priority=5)]
     assert queue.enqueue(mixed, 100, 1) == [5, 2]  # each at the moment it was inserted
     assert queue.queue_position(queue.get("a0")) == 3 and queue.queue_position(queue.get("low")) == 6
+
+
+def test_dashboard_reads(queue, add_jobs):
+    """What /api/dashboard draws: per-minute activity, the queue by priority,
+    the latest failures (the same answers from both stores)."""
+    add_jobs(2, priority=5)
+    add_jobs(1)
+    import time
+
+    t0 = (int(time.time() * 1000) // 60_000 + 1) * 60_000  # the next whole minute (after the jobs' run_at)
+    job = queue.claim("s", 10**9, now=t0)
+    queue.complete(job["id"], "s", {}, "/o", now=t0 + 400)
+    job = queue.claim("s", 10**9, now=t0 + 60_000)
+    queue.fail(job["id"], "s", "INVALID_IMAGE", "bad", False, POLICY, now=t0 + 60_100)
+    assert queue.activity(t0) == [{"minute": t0, "completed": 1, "failed": 0, "avgMs": 400},
+                                  {"minute": t0 + 60_000, "completed": 0, "failed": 1, "avgMs": None}]
+    assert queue.activity(t0 + 120_000) == []
+    assert queue.waiting_by_priority() == [{"priority": 0, "queued": 1, "retrying": 0, "processing": 0}]
+    queue.claim("s", 10**9, now=t0 + 70_000)
+    assert queue.waiting_by_priority() == [{"priority": 0, "queued": 0, "retrying": 0, "processing": 1}]
+    (failure,) = queue.recent_failures(10)
+    assert failure == {"jobId": job["id"], "filename": job["original_name"], "code": "INVALID_IMAGE", "error": "bad",
+                       "failedAt": t0 + 60_100, "attempts": 1}
