@@ -96,7 +96,7 @@ def generated() -> list[Path]:
 def run_imgworker(src: Path, out_dir: Path, fmt: str, n: int) -> Path:
     job = f"b{n}"
     process(src, out_dir, job, {"format": fmt, "quality": QUALITY}, Limits(), src.name)
-    return next(out_dir.glob(f"processed_{job}.*"))
+    return next(out_dir.glob(f"processed_{job}{EXT[fmt]}"))
 
 
 def run_naive(src: Path, out_dir: Path, fmt: str, n: int) -> Path:
