@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageCms, ImageFile, ImageSequence
+# Our formats' plugins, imported by name: Image.open(formats=("MPO",...)) or a
+# save as WEBP would otherwise make Pillow import all its ~40 plugins (30 ms
+# of CPU in every worker and every `imgworker process --local`).
+from PIL import GifImagePlugin, JpegImagePlugin, MpoImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
 from . import formats, isobmff
 from .errors import ImageError
@@ -239,18 +243,22 @@ def fit(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
 
 def _normalize_mode(im: Image.Image) -> Image.Image:
     """RGB, RGBA, L or CMYK, ready to resize: palette, 16-bit, 1-bit,
-    grey+alpha and transparency keys handled."""
+    grey+alpha and transparency keys handled. An alpha channel that is 255
+    everywhere is dropped: it changes no pixel, and resizing it would cost a
+    premultiply, a fourth channel and an unpremultiply."""
     if im.mode.startswith("I") or im.mode == "F":
         lo, hi = im.getextrema()
         if hi > 255:  # real 16-bit data: scale instead of clipping
             im = im.convert("I").point(lambda v: v * (1 / 257)).convert("L")
     has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     if im.mode == "P":
-        return im.convert("RGBA" if has_alpha else "RGB")
-    if im.mode not in ("RGB", "RGBA", "L", "CMYK"):
-        return im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
-    if has_alpha and im.mode in ("RGB", "L"):
-        return im.convert("RGBA")
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif im.mode not in ("RGB", "RGBA", "L", "CMYK"):
+        im = im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
+    elif has_alpha and im.mode in ("RGB", "L"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA" and im.im.getband(3).getextrema()[0] == 255:
+        im = im.convert("RGB")
     return im
 
 
@@ -266,14 +274,29 @@ def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     return im.convert("RGB") if im.mode == "CMYK" else im
 
 
+# Quality first (measured with bench/pipeline_bench.py against a float
+# LANCZOS of the full image): libjpeg's DCT scaling and Pillow's box reduce()
+# both alias, so each leaves at least 2x for the final LANCZOS. Decoding JPEG
+# only to the fitted size, or reducing by the whole integer factor, was 7-13 %
+# faster but cost 0.0008-0.003 of mean SSIM (0.015-0.03 on detailed photos).
+_DRAFT_GAP = 2
+_REDUCING_GAP = 2.0
+
+
+def _resize(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """LANCZOS to ``size``, after a box reduce() by the integer factor that
+    leaves _REDUCING_GAP. Pillow premultiplies an alpha channel before both
+    (no dark fringes) and unpremultiplies at the output size."""
+    if frame.size == size:
+        return frame
+    return frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
+
+
 def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) -> Image.Image:
     """Normalise, resize to ``size`` (stored orientation), colour-manage on
     the small image, then turn upright."""
     icc = frame.info.get("icc_profile")
-    frame = _normalize_mode(frame)
-    if frame.size != size:
-        frame = frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
-    frame = _to_srgb(frame, icc)
+    frame = _to_srgb(_resize(_normalize_mode(frame), size), icc)
     if orientation in _TRANSPOSE:
         frame = frame.transpose(_TRANSPOSE[orientation])
     return frame
@@ -326,9 +349,9 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
     oriented_box = size if probe_.orientation < 5 else (size[1], size[0])
     if not animate:
         if oriented_box != im.size and probe_.format == "jpeg":
-            # Decode at 1/2..1/8 scale in libjpeg, keeping at least twice the
-            # target size so that the final LANCZOS pass keeps its quality.
-            im.draft(None, (oriented_box[0] * 2, oriented_box[1] * 2))
+            # libjpeg's DCT scaling (1/2..1/8): the smallest scale that still
+            # covers _DRAFT_GAP x the fitted size (see _DRAFT_GAP).
+            im.draft(None, (oriented_box[0] * _DRAFT_GAP, oriented_box[1] * _DRAFT_GAP))
         im.load()
         return [_prepare_frame(im, oriented_box, probe_.orientation)], [], 0
     frames, durations = [], []

@@ -298,3 +298,77 @@ def test_exact_box_width_for_odd_aspect_ratios(tmp_path):
     result, path = run(tmp_path, image_bytes("PNG", (1502, 900)), format="png")
     assert result["processedFile"]["dimensions"] == {"width": 1024, "height": 614}
     assert Image.open(path).size == (1024, 614)
+
+
+def _photo_like(size, seed=7):
+    """Detailed RGB content (noise over gradients), so resampling differences show."""
+    import random
+
+    rnd = random.Random(seed)
+    im = Image.linear_gradient("L").resize(size).convert("RGB")
+    noise = Image.frombytes("RGB", size, rnd.randbytes(size[0] * size[1] * 3))
+    return Image.blend(im, noise, 0.5)
+
+
+def test_real_transparency_composites_on_white_for_jpeg_without_dark_fringes(tmp_path):
+    """Opaque grey beside fully transparent *black*, and a half-transparent grey
+    band: resizing must weigh colours by alpha, or the black bleeds into the
+    edge (a dark fringe), and the JPEG must show white where nothing was."""
+    im = Image.new("RGBA", (2000, 1000), (0, 0, 0, 0))
+    im.paste((100, 100, 100, 255), (0, 0, 1001, 1000))
+    im.paste((100, 100, 100, 128), (1300, 0, 1500, 1000))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    result, path = run(tmp_path, buf.getvalue(), format="jpeg", quality=95)
+    out = Image.open(path).convert("L")
+    assert out.size == (1024, 512) and result["processedFile"]["dimensions"] == {"width": 1024, "height": 512}
+    row = [out.getpixel((x, 256)) for x in range(1024)]
+    assert min(row) >= 92  # grey over white never darker than the grey (black bled in would be)
+    assert abs(row[100] - 100) <= 4 and row[900] >= 250
+    assert abs(row[round(1400 * 1024 / 2000)] - 178) <= 5  # half-transparent grey on white
+
+
+@pytest.mark.parametrize("size,orientation,box", [
+    ((4100, 1030), 1, {}), ((4201, 2799), 1, {}), ((2049, 4097), 1, {"maxWidth": 300}),
+    ((1999, 3001), 6, {"maxWidth": 500, "maxHeight": 333}), ((4096, 2304), 8, {"maxWidth": 511}),
+])
+def test_jpeg_drafted_for_a_box_has_exactly_the_fitted_size(tmp_path, monkeypatch, size, orientation, box):
+    from PIL import JpegImagePlugin
+
+    drafted = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, request):
+        out = real_draft(self, mode, request)
+        drafted.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = io.BytesIO()
+    _photo_like((size[0] // 8, size[1] // 8)).resize(size).save(data, "JPEG", quality=85, exif=exif)
+    shown = size if orientation < 5 else size[::-1]
+    want = fit(*shown, min(box.get("maxWidth", 1024), 1024), min(box.get("maxHeight", 1024), 1024))
+    result, path = run(tmp_path, data.getvalue(), format="png", **box)
+    assert Image.open(path).size == want
+    assert result["processedFile"]["dimensions"] == {"width": want[0], "height": want[1]}
+    stored_want = want if orientation < 5 else want[::-1]
+    assert drafted and drafted[-1][0] < size[0]  # decoded at a reduced DCT scale...
+    assert drafted[-1][0] >= stored_want[0] and drafted[-1][1] >= stored_want[1]  # ...that still covers the box
+
+
+def test_opaque_alpha_png_and_its_rgb_twin_give_the_same_pixels(tmp_path):
+    rgb = _photo_like((1300, 700))
+    rgba = rgb.copy()
+    rgba.putalpha(255)
+    outs = []
+    for name, im in (("rgb.png", rgb), ("rgba.png", rgba)):
+        buf = io.BytesIO()
+        im.save(buf, "PNG", compress_level=1)
+        _, path = run(tmp_path, buf.getvalue(), name=name, format="png")
+        outs.append(Image.open(path))
+        outs[-1].load()
+    assert outs[0].size == outs[1].size == (1024, 551)
+    assert outs[1].mode == "RGB"  # the all-opaque alpha is not carried into the output
+    assert ImageChops.difference(outs[0], outs[1]).getbbox() is None
