@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=fd)
     import PIL.Image  # noqa: F401  (warm the import before the first job)
 
-    send(sock, {"ready": os.getpid()})
+    try:
+        send(sock, {"ready": os.getpid()})
+    except OSError:  # the supervisor stopped while we started: nothing to report, no traceback
+        return 1
     while True:
         try:
             job = recv(sock)
