@@ -33,6 +33,11 @@ from PIL import Image, ImageCms, ImageFile, ImageSequence
 # of CPU in every worker and every `imgworker process --local`).
 from PIL import GifImagePlugin, JpegImagePlugin, MpoImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
+try:
+    from PIL import AvifImagePlugin  # noqa: F401  (Pillow >= 11.2)
+except ImportError:  # pragma: no cover - older Pillow: Image.init() finds what there is
+    pass
+
 from . import formats, isobmff
 from .errors import ImageError
 
