@@ -506,6 +506,8 @@ def _stripped_original(src: Path, info: Probe) -> bytes | None:
             return _strip_png(data)
         if info.format == "webp":
             return _plain_webp(data)
+        if info.format == "gif":
+            return _strip_gif(data)
     except (IndexError, struct.error, ValueError):
         return None
     return None
@@ -569,6 +571,48 @@ def _plain_webp(data: bytes) -> bytes | None:
             return None
         pos += 8 + struct.unpack("<I", data[pos + 4 : pos + 8])[0] + 1 & ~1
     return data[:size] if size <= len(data) else None
+
+
+_GIF_KEEP_APPS = (b"NETSCAPE2.0", b"ANIMEXTS1.0")  # the loop count; every other application block is metadata
+
+
+def _strip_gif(data: bytes) -> bytes | None:
+    """Keep the screen, colour tables, frames, graphic controls, plain text and
+    the loop extension; drop comments and application blocks (XMP, ICC,
+    anything else); cut anything after the trailer. None if malformed."""
+    if data[:6] not in (b"GIF87a", b"GIF89a") or len(data) < 13:
+        return None
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    out = bytearray(data[:pos])
+
+    def blocks_end(at: int) -> int:  # end of a chain of data sub-blocks (after its 0 terminator)
+        while data[at]:
+            at += 1 + data[at]
+        return at + 1
+
+    while pos < len(data):
+        kind = data[pos]
+        if kind == 0x3B:  # trailer
+            out += b"\x3b"
+            return bytes(out)
+        if kind == 0x21:  # extension: label, then sub-blocks
+            label = data[pos + 1]
+            end = blocks_end(pos + 2)
+            app = data[pos + 3 : pos + 14] if label == 0xFF and data[pos + 2] == 11 else b""
+            if label in (0xF9, 0x01) or app in _GIF_KEEP_APPS:
+                out += data[pos:end]
+            pos = end
+        elif kind == 0x2C:  # image: descriptor, local colour table, LZW code size, sub-blocks
+            flags = data[pos + 9]
+            start = pos + 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            end = blocks_end(start + 1)
+            out += data[pos:end]
+            pos = end
+        else:
+            return None
+        if pos > len(data):
+            return None
+    return None
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partial picture

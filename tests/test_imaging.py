@@ -372,3 +372,33 @@ def test_opaque_alpha_png_and_its_rgb_twin_give_the_same_pixels(tmp_path):
     assert outs[0].size == outs[1].size == (1024, 551)
     assert outs[1].mode == "RGB"  # the all-opaque alpha is not carried into the output
     assert ImageChops.difference(outs[0], outs[1]).getbbox() is None
+
+
+def test_never_larger_keeps_the_stripped_original_gif(tmp_path):
+    """The never-larger rule covers GIF: an animation stored as small frame
+    deltas (which our re-encoding, full frames, would make larger) comes back
+    as the original frames, timings and loop count, with its comment and
+    application metadata (here XMP) dropped and trailing bytes cut."""
+    base = Image.effect_noise((160, 120), 60).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).convert("RGB")
+    frames = []
+    for i in range(4):
+        frame = base.copy()
+        frame.paste((255, 0, 0), (10 + 20 * i, 50, 20 + 20 * i, 60))  # a small square moves
+        frames.append(frame)
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=[40, 60, 80, 100], loop=3,
+                   comment=b"secret comment")
+    data = buf.getvalue()
+    xmp = b"\x21\xff\x0bXMP DataXMP" + b"\x0esecret-xmp-gps" + b"\x00"
+    data = data[:-1] + xmp + b"\x3b" + b"trailing payload"
+    result, path = run(tmp_path, data, format="original")
+    assert result["optimization"]["keptOriginalEncoding"] is True and result["framesOut"] == 4
+    out = path.read_bytes()
+    assert len(out) < len(data) and b"secret" not in out and b"payload" not in out and out.endswith(b"\x3b")
+    got, want = Image.open(path), Image.open(io.BytesIO(data))
+    assert got.info.get("loop") == 3 and got.n_frames == 4
+    for i in range(4):
+        got.seek(i)
+        want.seek(i)
+        assert got.info["duration"] == want.info["duration"] == [40, 60, 80, 100][i]
+        assert ImageChops.difference(got.convert("RGB"), want.convert("RGB")).getbbox() is None
