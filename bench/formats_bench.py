@@ -8,7 +8,7 @@ AVIF at each speed with the mapped quality (formats.avif_quality). SSIM is
 the mean 8x8-block SSIM of luma against the resized source (Pillow only, no
 numpy). CPU is this process's user+system time for the encode (one encoder
 thread, as in the workers). With node and sharp installed (``npm i sharp``
-beside this file), sharp's AVIF (effort 4) is measured too.
+beside this file, or in $SHARP_DIR), sharp's AVIF (effort 4) is measured too.
 
 ``--calibrate`` prints SSIM per quality for both codecs: the table behind
 formats.avif_quality (WebP quality -> AVIF quality of equal SSIM).
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
+import os
 import resource
 import shutil
 import subprocess
@@ -90,24 +90,30 @@ def measure(images: list[Image.Image], fmt: str, quality: int, speed: int = 6, r
     return size / n / 1024, score / n, spent / n * 1000
 
 
-def sharp(images: list[Image.Image]) -> tuple[float, float, float] | None:
+def sharp(images: list[Image.Image], qualities: tuple[int, ...]) -> list[tuple[int, float, float, float]]:
+    """sharp's AVIF (libheif + aom, effort 4 = its default, one libvips
+    thread) at each quality: [(quality, KB, SSIM, CPU ms)]; [] without node/sharp."""
     node = shutil.which("node")
-    here = Path(__file__).resolve().parent
-    if not node or not (here / "node_modules" / "sharp").is_dir():
-        return None
+    root = Path(os.environ.get("SHARP_DIR") or Path(__file__).resolve().parent)
+    if not node or not (root / "node_modules" / "sharp").is_dir():
+        return []
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, im in enumerate(images):
             im.save(Path(tmp) / f"{i}.png")
-        script = ("const sharp=require('sharp');const fs=require('fs');(async()=>{const out=[];"
-                  f"for(let i=0;i<{len(images)};i++){{const t=process.cpuUsage();"
-                  f"const b=await sharp('{tmp}/'+i+'.png').avif({{quality:50,effort:4}}).toBuffer();"
-                  f"const u=process.cpuUsage(t);fs.writeFileSync('{tmp}/'+i+'.avif',b);out.push((u.user+u.system)/1000)}}"
-                  "console.log(JSON.stringify(out))})()")
-        ms = json.loads(subprocess.run([node, "-e", script], cwd=here, capture_output=True, text=True, check=True).stdout)
-        size = sum((Path(tmp) / f"{i}.avif").stat().st_size for i in range(len(images)))
-        score = sum(ssim(im, Image.open(Path(tmp) / f"{i}.avif")) for i, im in enumerate(images))
-        n = len(images)
-        return size / n / 1024, score / n, sum(ms) / n
+        for q in qualities:
+            script = ("const sharp=require('sharp');sharp.concurrency(1);const fs=require('fs');(async()=>{let ms=0;"
+                      f"for(let i=0;i<{len(images)};i++){{const input=fs.readFileSync('{tmp}/'+i+'.png');"
+                      "const t=process.cpuUsage();"
+                      f"const b=await sharp(input).avif({{quality:{q},effort:4}}).toBuffer();"
+                      f"const u=process.cpuUsage(t);ms+=(u.user+u.system)/1000;fs.writeFileSync('{tmp}/'+i+'.avif',b)}}"
+                      "console.log(ms)})()")
+            done = subprocess.run([node, "-e", script], cwd=root, capture_output=True, text=True, check=True)
+            n = len(images)
+            size = sum((Path(tmp) / f"{i}.avif").stat().st_size for i in range(n))
+            score = sum(ssim(im, Image.open(Path(tmp) / f"{i}.avif")) for i, im in enumerate(images))
+            out.append((q, size / n / 1024, score / n, float(done.stdout) / n))
+    return out
 
 
 def main() -> None:
@@ -134,12 +140,12 @@ def main() -> None:
         kb, s, ms = measure(images, "avif", args.quality, speed)
         print(f"AVIF q{args.quality}->{formats.avif_quality(args.quality)} speed {speed}: {kb:6.1f} KB ({kb / base_kb - 1:+.0%})  "
               f"SSIM {s:.4f}  CPU {ms:5.0f} ms ({ms / base_ms:.1f}x WebP)")
-    other = sharp(images)
-    if other:
-        kb, s, ms = other
-        print(f"sharp AVIF q50 effort 4: {kb:6.1f} KB ({kb / base_kb - 1:+.0%})  SSIM {s:.4f}  CPU {ms:5.0f} ms")
-    else:
-        print("sharp: not measured (needs node and `npm i sharp` in bench/)")
+    others = sharp(images, (50, 60, 70))
+    for q, kb, s, ms in others:
+        print(f"sharp AVIF q{q} effort 4: {kb:6.1f} KB ({kb / base_kb - 1:+.0%})  SSIM {s:.4f}  CPU {ms:5.0f} ms "
+              f"({ms / base_ms:.1f}x WebP)")
+    if not others:
+        print("sharp: not measured (needs node and `npm i sharp` in bench/ or in $SHARP_DIR)")
 
 
 if __name__ == "__main__":

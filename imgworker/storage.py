@@ -22,8 +22,8 @@ from typing import Any
 from . import log
 
 LOG = log.get("cleanup")
-OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif)$")
-UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)\.(jpg|png|webp|gif)$")
+OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif|avif)$")
+UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)\.(jpg|png|webp|gif|avif|heic)$")
 TMP_UPLOAD = re.compile(r"^upload-(\d+)-")
 ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
 

@@ -198,6 +198,26 @@ def test_heic_ten_bit_and_alpha_come_out_as_8_bit(tmp_path):
 
 
 @needs_heif
+def test_heic_grid_like_a_phone_photo_and_its_canvas_bomb(tmp_path, monkeypatch):
+    import pillow_heif
+
+    # Phones store big photos as a grid of HEVC tiles; libheif writes one too.
+    monkeypatch.setattr(pillow_heif.options, "GRID_TILE_SIZE", 256)
+    im = quadrants((1000, 700))
+    data = encode(im, "HEIF", quality=60)
+    header = isobmff.inspect(io.BytesIO(data), 50_000_000, 500_000_000)
+    assert header.items == 13 and (header.width, header.height) == (1000, 700)  # 4x3 tiles + the grid
+    result, out = run(tmp_path, data, format="webp", maxWidth=500)
+    assert out.size == (500, 350) and blue_corner(out) == ["tl"] and result["originalFile"]["format"] == "heic"
+    at = data.index(b"idat") + 4 + 4  # grid descriptor: version, flags, rows-1, cols-1, width16, height16
+    bomb_ = data[:at] + b"\xff\xff\xff\xff" + data[at + 4:]
+    monkeypatch.setattr(imaging.Image, "open", lambda *a, **k: pytest.fail("a decoder was reached"))
+    with pytest.raises(ImageError) as err:
+        imaging.probe(_write(tmp_path, bomb_), ALL)
+    assert err.value.code == "IMAGE_TOO_LARGE" and "grid" in err.value.message
+
+
+@needs_heif
 def test_heic_refused_when_not_listed(tmp_path):
     data = encode(quadrants(), "HEIF")
     with pytest.raises(ImageError) as err:
@@ -355,9 +375,9 @@ def test_real_file_with_patched_ispe_is_refused_before_decoding(tmp_path, monkey
         assert err.value.code == "IMAGE_TOO_LARGE"
 
 
-@pytest.mark.parametrize("cut", [20, 60, 200])
+@pytest.mark.parametrize("cut", [20, 60, 200, -10])
 def test_truncated_and_wrong_brand(tmp_path, cut):
-    data = encode(quadrants(), "AVIF")
+    data = encode(quadrants(), "AVIF")  # -10: the header is whole, the picture data is cut
     with pytest.raises(ImageError) as err:
         imaging.process(_write(tmp_path, data[:cut]), tmp_path, "j", {}, ALL)
     assert err.value.code == "INVALID_IMAGE"
@@ -378,3 +398,45 @@ def test_python_client_auto_falls_back_locally_to_the_same_choice(tmp_path):
     result = client.process_file(src, tmp_path / "out", {"format": "auto"})
     assert result.source == "local" and result.output.endswith(".avif")
     assert Image.open(result.output).format == "AVIF"
+
+
+@needs_heif
+def test_phone_heic_through_the_service_comes_back_as_avif(service, tmp_path):
+    """Real processes: a HEIC upload with format=auto from an AVIF-capable
+    client is processed by a worker, served as image/avif, and an orphan
+    AVIF/HEIC file (no row) is swept by cleanup like any other."""
+    from helpers import Http, free_port
+    from conftest import wait_for
+
+    port = free_port()
+    svc = service("serve", PORT=port, SUPPORTED_FORMATS="jpeg,png,webp,avif,heic", CLEANUP_INTERVAL_MS=200)
+    http = Http(f"http://127.0.0.1:{port}")
+    wait_for(lambda: _status(http) == 200, 20, interval=0.05, message="service healthy")
+    data = encode(quadrants((1600, 1200)), "HEIF", quality=80, exif=exif(6))
+    r = http.upload(files=[("image", "IMG_0001.HEIC", data)], fields={"format": "auto"},
+                    headers={"Accept": "image/avif,image/webp,*/*;q=0.8"})
+    assert r.status == 202, r.body
+    job = wait_for(lambda: (lambda j: j if j["status"] in ("completed", "failed") else None)(
+        http.get(r.json["statusUrl"]).json), 60, interval=0.05, message="job finished")
+    assert job["status"] == "completed", job
+    assert job["format"]["chosen"] == "avif" and job["result"]["processedFile"]["format"] == "avif"
+    image = http.get(job["result"]["processedFile"]["url"])
+    assert image.status == 200 and image.getheader("Content-Type") == "image/avif"
+    out = Image.open(io.BytesIO(image.body))
+    assert out.format == "AVIF" and out.size == (768, 1024) and blue_corner(out) == ["tr"]
+    import os
+    import time
+
+    old = time.time() - 3600
+    orphans = [svc.storage.uploads / ("e" * 32 + f"-{os.getpid()}.heic"), svc.storage.processed / f"processed_{'f' * 32}.avif"]
+    for p in orphans:
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    wait_for(lambda: not any(p.exists() for p in orphans), 20, interval=0.1, message="orphans swept")
+
+
+def _status(http):
+    try:
+        return http.get("/api/health").status
+    except OSError:
+        return None

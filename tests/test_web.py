@@ -297,3 +297,20 @@ def test_dashboard_numbers_move_while_jobs_run(site, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "dashboard-phone.png")
     assert not s.errors, s.errors
+
+
+def test_formats_from_health_and_auto_picks_what_this_browser_shows(site, tmp_path):
+    """The format menu and the file picker follow /api/health; "auto" tells
+    the server what Chromium decodes (AVIF), so the job comes back as AVIF."""
+    s = site(SUPPORTED_FORMATS="jpeg,png,avif")
+    page = s.page
+    values = page.locator("#format option").evaluate_all("options => options.map(o => o.value)")
+    assert {"webp", "jpeg", "png", "avif", "original", "auto"} <= set(values)
+    accept = page.get_attribute("#file-input", "accept")
+    assert "image/avif" in accept and "image/webp" not in accept  # WebP is not in SUPPORTED_FORMATS here
+    page.select_option("#format", "auto")
+    page.set_input_files("#file-input", files(tmp_path, [("photo.jpg", image_bytes("JPEG", (300, 200)))]))
+    page.click("#submit")
+    page.wait_for_selector(DONE, timeout=30000)
+    assert page.locator(f"{DONE} a.download").get_attribute("download") == "photo.avif"
+    assert not s.errors, s.errors

@@ -220,11 +220,30 @@ function refreshControls() {
   $("#fallback-note").hidden = !run.some((i) => i.source === "browser");
 }
 
+// format=auto: an XHR says "Accept: */*", which tells the server nothing about
+// the images this browser shows; decode a 1-pixel AVIF and WebP once and say so.
+const PROBES = {
+  avif: "AAAAIGZ0eXBhdmlmAAAAAGF2aWZtaWYxbWlhZk1BMUIAAADrbWV0YQAAAAAAAAAhaGRscgAAAAAAAAAAcGljdAAAAAAAAAAAAAAAAAAAAAAOcGl0bQAAAAAAAQAAAB5pbG9jAAAAAEQAAAEAAQAAAAEAAAETAAAAKAAAAChpaW5mAAAAAAABAAAAGmluZmUCAAAAAAEAAGF2MDFDb2xvcgAAAABqaXBycAAAAEtpcGNvAAAAFGlzcGUAAAAAAAAAAQAAAAEAAAAQcGl4aQAAAAADCAgIAAAADGF2MUOBAAwAAAAAE2NvbHJuY2x4AAEADQAGgAAAABdpcG1hAAAAAAAAAAEAAQQBAoMEAAAAMG1kYXQSAAoIGAAGiAhoNCAyGhlHh4Yhh5555oAAAJBAyRxhSytNj1FFTqSg",
+  webp: "UklGRjgAAABXRUJQVlA4ICwAAACQAQCdASoBAAEAAsBMJaACdLoAA5gA/u5DH+5sc4twV/9tD/9aH/60P+lAAA==",
+};
+let acceptPromise = null;
+function imageAccept() {
+  acceptPromise = acceptPromise || Promise.all(Object.entries(PROBES).map(async ([format, b64]) => {
+    try {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      (await createImageBitmap(new Blob([bytes], { type: `image/${format}` }))).close();
+      return `image/${format}`;
+    } catch (e) { return null; }
+  })).then((types) => [...types.filter(Boolean), "*/*;q=0.8"].join(","));
+  return acceptPromise;
+}
+
 // ---- server path: batch upload with per-file upload progress --------------------------
-function upload(url, form, onProgress) {
+function upload(url, form, onProgress, accept) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", url);
+    if (accept) xhr.setRequestHeader("Accept", accept);
     xhr.responseType = "json";
     if (onProgress) xhr.upload.onprogress = onProgress;
     xhr.onload = () => resolve({ status: xhr.status, body: xhr.response || {} });
@@ -244,6 +263,7 @@ async function uploadChunk(chunk) {
   const form = fieldsForm();
   chunk.forEach((i) => { form.append("images", i.file, i.file.name); set(i, "uploading", { pct: 0, source: "server" }); });
   const total = chunk.reduce((n, i) => n + i.file.size, 0) || 1;
+  const accept = form.get("format") === "auto" ? await imageAccept() : null;
   const { status, body } = await upload("/api/process/batch", form, (ev) => {
     // map the bytes sent so far onto each file's slice of the body
     let offset = 0;
@@ -253,7 +273,7 @@ async function uploadChunk(chunk) {
       offset += i.file.size;
       if (Math.round(pct) !== Math.round(i.pct)) set(i, "uploading", { pct });
     });
-  });
+  }, accept);
   if (status >= 500 || status === 429) throw new Error(`the server answered ${status}`);
   const noRoom = [];
   for (const r of body.rejected || []) {
