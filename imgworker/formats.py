@@ -9,7 +9,8 @@ Contract:
   missing halfway through a job.
 - :func:`negotiate` turns an ``Accept`` header into the best output format:
   AVIF, then WebP, then JPEG; PNG for an image with alpha (and GIF for an
-  animation) when the client takes neither AVIF nor WebP. Only an explicit
+  animation) when the client takes neither AVIF nor WebP. An animation
+  prefers WebP to AVIF: every AVIF frame costs what a still does. Only an explicit
   ``image/avif`` / ``image/webp`` counts: ``*/*`` (curl, fetch) says nothing
   about what the eventual viewer decodes, so it gets the universal formats.
 - :func:`avif_quality` maps our 1-100 quality scale (WebP's) to libavif's.
@@ -79,7 +80,7 @@ def negotiate(accept: str | None, has_alpha: bool, animated: bool = False) -> st
     install writes it) and WebP that the client lists explicitly, else PNG
     for alpha, GIF for an animation, JPEG otherwise."""
     types = accepted(accept or "")
-    for fmt in ("avif", "webp"):
+    for fmt in ("webp", "avif") if animated else ("avif", "webp"):
         if fmt in WRITABLE and types.get(f"image/{fmt}", 0.0) > 0:
             return fmt
     if animated:

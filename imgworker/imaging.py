@@ -54,7 +54,8 @@ PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif
                "heic": ("HEIF",)}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "avif": "avif"}
 CAN_ANIMATE = ("webp", "gif", "avif")
-MULTI_FRAME_INPUTS = ("gif", "webp", "png", "avif")  # a HEIC's extra top-level pictures are not frames
+MULTI_FRAME_INPUTS = ("gif", "webp", "png", "avif")
+ANIMATED_AVIF_MIN_SPEED = 8  # a HEIC's extra top-level pictures are not frames
 
 # Signatures of formats we may be sent, to tell "not an image we accept"
 # (415) from "one of ours, but broken" (422) without trusting Pillow's guess.
@@ -332,7 +333,10 @@ def _encode(frames: list[Image.Image], durations: list[int], loop: int, fmt: str
     elif fmt == "avif":
         frames = [f if f.mode in ("RGB", "RGBA") else f.convert("RGBA" if "A" in f.mode else "RGB") for f in frames]
         # One encoder thread: the worker pool already keeps every core busy.
-        options = dict(quality=formats.avif_quality(quality), speed=avif_speed, max_threads=1)
+        # An animation encodes at speed 8 or faster: each frame costs what a
+        # still does, and up to MAX_FRAMES of them must fit in JOB_TIMEOUT_MS.
+        speed = max(avif_speed, ANIMATED_AVIF_MIN_SPEED) if len(frames) > 1 else avif_speed
+        options = dict(quality=formats.avif_quality(quality), speed=speed, max_threads=1)
         if len(frames) > 1:
             frames[0].save(buf, "AVIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop,
                            **options)

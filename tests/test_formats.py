@@ -238,6 +238,8 @@ def test_heic_refused_when_not_listed(tmp_path):
     ("image/jpeg", False, False, "jpeg"),
     ("image/png,image/gif", False, True, "gif"),
     ("image/webp", False, True, "webp"),
+    ("image/avif,image/webp", False, True, "webp"),  # animations: WebP first (cheaper per frame)
+    ("image/avif", False, True, "avif"),
     ("," * 5000 + "image/avif", False, False, "jpeg"),  # only the first 64 entries are read
 ])
 def test_negotiate(accept, alpha, animated, want):
