@@ -391,7 +391,9 @@ async function retry(item) {
     form.append("image", item.file, item.file.name);
     set(item, "uploading", { pct: 0, source: "server" });
     try {
-      const { status, body } = await upload("/api/process/single", form, (ev) => set(item, "uploading", { pct: 100 * ev.loaded / (ev.total || 1) }));
+      const accept = form.get("format") === "auto" ? await imageAccept() : null;
+      const { status, body } = await upload("/api/process/single", form,
+        (ev) => set(item, "uploading", { pct: 100 * ev.loaded / (ev.total || 1) }), accept);
       if (status === 202) { set(item, "queued", { jobId: body.jobId, batchId: null, position: body.queuePosition }); follow(); return; }
       if (status < 500 && status !== 429) { set(item, "failed", { error: body.error, code: body.code }); return; }
     } catch (e) { /* fall through to the browser */ }
