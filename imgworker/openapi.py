@@ -26,7 +26,9 @@ def _upload(field: str, many: bool, cfg: config_mod.Config) -> dict[str, Any]:
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     props: dict[str, Any] = {
         field: {"type": "array", "items": file_schema, "maxItems": cfg.batch_max_files} if many else file_schema,
-        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000, "description": "higher runs first"},
+        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000,
+                     "description": f"higher runs first; above {cfg.max_client_priority} (MAX_CLIENT_PRIORITY) "
+                                    "it is lowered to that"},
         "format": {"type": "string", "enum": list(config_mod.OUTPUT_FORMATS)},
         "quality": {"type": "integer", "minimum": 1, "maximum": 100},
         "maxWidth": {"type": "integer", "minimum": 1, "maximum": 65535},
@@ -38,11 +40,13 @@ def _upload(field: str, many: bool, cfg: config_mod.Config) -> dict[str, Any]:
 
 UPLOAD_ERRORS = {
     "400": _error("NO_FILE or INVALID_PARAMETER (names the field)"),
-    "413": _error("FILE_TOO_LARGE: refused from Content-Length before the body is read"),
+    "408": _error("REQUEST_TIMEOUT: headers later than HEADER_TIMEOUT_MS or a body slower than BODY_MIN_BYTES_PER_S"),
+    "413": _error("FILE_TOO_LARGE: refused from Content-Length before the body is read (chunked: once over)"),
     "415": _error("UNSUPPORTED_FORMAT: detected from the bytes"),
     "422": _error("INVALID_IMAGE or IMAGE_TOO_LARGE"),
-    "429": _error("RATE_LIMITED, with Retry-After and RateLimit-* headers"),
-    "503": _error("QUEUE_FULL, with Retry-After"),
+    "429": _error("RATE_LIMITED, with Retry-After and RateLimit-* headers (a batch of N files counts N)"),
+    "503": _error("QUEUE_FULL or TOO_MANY_CONNECTIONS, with Retry-After"),
+    "507": _error("INSUFFICIENT_STORAGE: less than MIN_FREE_DISK_MB free; with Retry-After"),
 }
 JOB_PARAM = [{"name": "jobId", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
 

@@ -306,3 +306,26 @@ def test_connection_limit_key_groups_ipv6_by_64():
     assert client_of("2001:db8:1:2:aaaa::1") == client_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert client_of("2001:db8:1:3::1") != client_of("2001:db8:1:2::1")
     assert client_of("::ffff:198.51.100.7") == "198.51.100.7"
+
+
+def test_connection_limit_fits_the_descriptor_limit(tmp_path):
+    # a hard limit too low for MAX_CONNECTIONS: keep fewer connections and say so (no crash past fd 1024 either)
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+    from helpers import Http, free_port
+
+    port = free_port()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "APP_ENV": "test", "PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "imgworker", "api"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+    try:
+        http = Http(f"http://127.0.0.1:{port}")
+        wait_for(lambda: _answers(http), 20, 0.05, "API up")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert "MAX_CONNECTIONS=1000 needs 2256 file descriptors; the limit is 300, so 22 connections are kept" in out
