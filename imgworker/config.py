@@ -175,6 +175,7 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("MAX_INPUT_PIXELS", _int(1), "50000000", "width x height above which an upload is refused"),
     ("MAX_FRAMES", _int(1), "1000", "frame count above which an animation is refused"),
     ("MAX_ANIMATION_PIXELS", _int(1), "500000000", "frames x canvas pixels above which an animation is refused"),
+    ("MAX_JPEG_SCANS", _int(1, 100000), "100", "a JPEG with more scans is refused before decoding (each progressive scan is a pass over the whole image; encoders write 10 to 20)"),
     ("BATCH_MAX_FILES", _int(1, 1000), "20", "files per batch request"),
     ("OUTPUT_FORMAT", _output_format, "webp",
      "default output format: webp, jpeg, png, avif, original, or auto (picked per upload from the Accept header)"),

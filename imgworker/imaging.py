@@ -38,8 +38,9 @@ try:
 except ImportError:  # pragma: no cover - older Pillow: Image.init() finds what there is
     pass
 
-from . import formats, isobmff
+from . import formats
 from .errors import ImageError
+from .probe import Header, check_animation, check_pixels, inspect, sniff  # noqa: F401  (sniff, Header: API)
 
 if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
     import pillow_heif
@@ -56,16 +57,6 @@ EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "avif":
 CAN_ANIMATE = ("webp", "gif", "avif")
 MULTI_FRAME_INPUTS = ("gif", "webp", "png", "avif")
 ANIMATED_AVIF_MIN_SPEED = 8  # a HEIC's extra top-level pictures are not frames
-
-# Signatures of formats we may be sent, to tell "not an image we accept"
-# (415) from "one of ours, but broken" (422) without trusting Pillow's guess.
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-    (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"8BPS", "psd"), (b"%PDF", "pdf"),
-    (b"%!PS", "eps"), (b"\xc5\xd0\xd3\xc6", "eps"), (b"PK\x03\x04", "zip"), (b"icns", "icns"),
-    (b"\x00\x00\x00\x0cjP  ", "jpeg2000"), (b"\xff\x4f\xff\x51", "jpeg2000"), (b"\x01\xda", "sgi"),
-    (b"\x00\x00\x01\x00", "ico"), (b"<?xml", "svg"), (b"<svg", "svg"), (b"<?php", "text"),
-)
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -89,12 +80,13 @@ class Limits:
     quality: int = 80
     output_format: str = "webp"
     avif_speed: int = 6
+    max_jpeg_scans: int = 100
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Limits":
         return cls(cfg.max_image_width, cfg.max_image_height, cfg.max_input_pixels, cfg.max_frames,
                    cfg.max_animation_pixels, tuple(cfg.supported_formats), cfg.quality, cfg.output_format,
-                   cfg.avif_speed)
+                   cfg.avif_speed, cfg.max_jpeg_scans)
 
 
 @dataclass
@@ -119,29 +111,6 @@ class Probe:
         return self.frames > 1 and self.format in MULTI_FRAME_INPUTS and self.within_frame_limit
 
 
-def sniff(head: bytes) -> str | None:
-    """Format name from the first bytes (ours or a known foreign one), or None."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    family = isobmff.sniff(head)
-    if family is not None:
-        return family  # avif, heic, heif (codec decided by the items) or mp4
-    for magic, name in _SIGNATURES:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-def _pixel_check(width: int, height: int, limits: Limits) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageError("INVALID_IMAGE", f"The image has an empty size ({width}x{height})")
-    if width * height > limits.max_input_pixels:
-        raise ImageError(
-            "IMAGE_TOO_LARGE",
-            f"The image is {width}x{height} ({width * height:,} pixels); the limit is {limits.max_input_pixels:,} pixels",
-        )
-
-
 def _orientation(im: Image.Image) -> int:
     """EXIF (or XMP tiff:Orientation) value, read from the header only.
 
@@ -156,26 +125,13 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
-    """Open ``path`` with only the allowed plugins and check every limit from
-    the header. The caller owns (and must close) the returned image."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(32)
-    except OSError as exc:
-        raise ImageError("IO_ERROR", "The upload could not be read on the server", transient=True,
-                         detail=_why(exc)) from None
-    if not head:
-        raise ImageError("INVALID_IMAGE", "The file is empty")
-    kind = sniff(head)
-    if kind in ("avif", "heic", "heif") and ("avif" in limits.formats or "heic" in limits.formats):
-        kind = _check_heif(path, limits)
-    if kind not in limits.formats:
-        what = kind.upper() if kind else "not an image format we recognise"
-        raise ImageError(
-            "UNSUPPORTED_FORMAT",
-            f"Unsupported file type ({what}); accepted: {', '.join(f.upper() for f in limits.formats)}",
-        )
-    Image.MAX_IMAGE_PIXELS = limits.max_input_pixels  # Pillow refuses at 2x; we check at 1x below
+    """Check ``path``'s structure against every limit (probe.inspect: nothing
+    decoded or inflated), then open it with only its plugin and make sure
+    Pillow sees the picture that was checked. The caller owns (and must
+    close) the returned image."""
+    header = inspect(path, limits)
+    kind = header.format
+    Image.MAX_IMAGE_PIXELS = limits.max_input_pixels  # Pillow refuses at 2x; the probe checked at 1x
     try:
         im = Image.open(path, formats=PIL_FORMATS[kind])
     except Image.DecompressionBombError:
@@ -185,19 +141,22 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
                          detail=_why(exc)) from None
     try:
         width, height = im.size
-        _pixel_check(width, height, limits)
-        frames = 1
-        if kind in MULTI_FRAME_INPUTS:
-            frames = int(getattr(im, "n_frames", 1) or 1)
-            # The frames x canvas budget bounds the work; an animation within
-            # it but longer than MAX_FRAMES is kept as a still (see Probe.animated).
-            if frames * width * height > limits.max_animation_pixels:
-                raise ImageError(
-                    "IMAGE_TOO_LARGE",
-                    f"The animation is {frames} frames of {width}x{height}; the limit is "
-                    f"{limits.max_animation_pixels:,} pixels in all frames",
-                )
-            im.seek(0)
+        frames = header.frames  # counted up to MAX_FRAMES + 1; never Pillow's n_frames, which walks them all
+        if kind in ("jpeg", "png", "gif", "webp"):
+            # A parser differential would let Pillow decode a picture the probe
+            # never checked. GIF: Pillow's canvas grows frame by frame up to the
+            # probe's, which already includes every frame's extent.
+            if (width, height) != (header.width, header.height) and not (
+                    kind == "gif" and width <= header.width and height <= header.height):
+                raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file declares {header.width}x{header.height} "
+                                                  f"but decodes as {width}x{height}")
+            width, height = header.width, header.height
+        else:  # HEIF family: isobmff checked the items; the decoder reports the turned size
+            check_pixels(width, height, limits)
+            if kind in MULTI_FRAME_INPUTS:
+                frames = int(getattr(im, "n_frames", 1) or 1)
+                check_animation(kind, frames, width, height, limits)
+                im.seek(0)
         orientation = _orientation(im)
         if orientation >= 5:
             width, height = height, width
@@ -212,26 +171,14 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
         raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is corrupt", detail=_why(exc)) from None
 
 
-def _check_heif(path: Path, limits: Limits) -> str:
-    """The format of a HEIF-family file from its items ("avif" or "heic"),
-    after its header passed every limit (see isobmff.inspect)."""
-    try:
-        with open(path, "rb") as fh:
-            header = isobmff.inspect(fh, limits.max_input_pixels, limits.max_animation_pixels)
-    except isobmff.HeaderError as exc:
-        raise ImageError(exc.code, exc.message) from None
-    except OSError as exc:
-        raise ImageError("IO_ERROR", f"Could not read the upload: {exc.strerror or exc}", transient=True) from None
-    return header.format
-
-
 def probe(path: Path | str, limits: Limits) -> Probe:
-    """Identify and check an upload without decoding pixels. Raises ImageError."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        im, info = _open(Path(path), limits)
-    im.close()
-    return info
+    """The upload check: identify a file and check it against every limit
+    from its structure alone, bounded in time and memory (probe.inspect; no
+    decoder runs, nothing is inflated). The orientation is not read here:
+    ``width``/``height`` are as stored. Raises ImageError."""
+    header = inspect(path, limits)
+    return Probe(header.format, header.width, header.height, header.frames,
+                 within_frame_limit=header.frames <= limits.max_frames, alpha=header.alpha)
 
 
 def _why(exc: BaseException) -> str:

@@ -239,9 +239,10 @@ def test_frame_budget_refuses_frame_bombs(tmp_path):
     with pytest.raises(ImageError) as err:
         probe(src, Limits(max_animation_pixels=100 * 100 * 29))
     assert err.value.code == "IMAGE_TOO_LARGE"
-    # longer than MAX_FRAMES but within the budget: kept as a still
+    # longer than MAX_FRAMES but within the budget: kept as a still; frames
+    # are counted only up to MAX_FRAMES + 1 (a frame bomb is not walked)
     result, _ = run(tmp_path, buf.getvalue(), Limits(max_frames=10))
-    assert result["framesIn"] == 30 and result["framesOut"] == 1 and not result["animated"]
+    assert result["framesIn"] == 11 and result["framesOut"] == 1 and not result["animated"]
 
 
 @pytest.mark.parametrize("data, code", [
