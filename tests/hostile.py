@@ -120,3 +120,15 @@ def webp_frame_beyond_canvas() -> bytes:
     data[pos + 14:pos + 17] = (9998).to_bytes(3, "little")
     data[pos + 17:pos + 20] = (9998).to_bytes(3, "little")
     return bytes(data)
+
+
+def png_corrupt_deflate(size: tuple[int, int] = (120, 80)) -> bytes:
+    """A PNG whose structure is sound (chunks, lengths, CRCs) but whose
+    deflate stream is garbage: it passes the upload check, only a decode
+    finds the problem."""
+    good = _png(size)
+    pos = good.index(b"IDAT")
+    length = struct.unpack(">I", good[pos - 4:pos])[0]
+    data = bytearray(good[pos + 4:pos + 4 + length])
+    data[2:12] = b"\xff" * 10
+    return good[:pos - 4] + png_chunk(b"IDAT", bytes(data)) + good[pos + 8 + length:]

@@ -10,6 +10,7 @@ import time
 import pytest
 from PIL import Image
 
+import hostile
 from helpers import Http, free_port, image_bytes
 from conftest import wait_for
 
@@ -122,7 +123,7 @@ def test_metrics_parse_and_move(served):
     before = scrape()
     job_id = http.upload(files=[("image", "a.png", image_bytes("PNG", (300, 300)))]).json["jobId"]
     http.upload(files=[("image", "b.png", b"not an image")])
-    cut = http.upload(files=[("image", "cut.jpg", image_bytes("JPEG", (900, 900))[:2000])]).json["jobId"]
+    cut = http.upload(files=[("image", "cut.png", hostile.png_corrupt_deflate())]).json["jobId"]
     poll(http, job_id)
     assert poll(http, cut)["errorCode"] == "INVALID_IMAGE"  # the header passed; the decode did not
     after = wait_for(lambda: (lambda m: m if m.get(("imgworker_processing_seconds_count", ())) == 1
