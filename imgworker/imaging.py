@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import tempfile
 import time
 import warnings
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageCms, ImageFile, ImageSequence
+from PIL import Image, ImageChops, ImageCms, ImageFile, ImageSequence
 # Our formats' plugins, imported by name: Image.open(formats=("MPO",...)) or a
 # save as WEBP would otherwise make Pillow import all its ~40 plugins (30 ms
 # of CPU in every worker and every `imgworker process --local`).
@@ -41,6 +40,7 @@ except ImportError:  # pragma: no cover - older Pillow: Image.init() finds what 
 from . import formats
 from .errors import ImageError
 from .probe import Header, check_animation, check_pixels, inspect, sniff  # noqa: F401  (sniff, Header: API)
+from .strip import strip
 
 if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
     import pillow_heif
@@ -375,15 +375,16 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
                 data = _encode(frames, durations, loop, fmt, quality, limits.avif_speed)
             except MemoryError:
                 raise ImageError("IMAGE_TOO_LARGE", "Encoding the image needs more memory than the worker has") from None
+            out_w, out_h = frames[0].size
+            resized = (out_w, out_h) != (info.width, info.height)
+            kept_original = False
+            if not resized and fmt == info.format and (animate or not info.animated):
+                # before im.close(): a frame may be the opened image itself
+                smaller = _stripped_original(src, info)
+                if smaller is not None and len(smaller) < len(data) and _same_pixels(smaller, info.format, frames):
+                    data, kept_original = smaller, True
         finally:
             im.close()
-    out_w, out_h = frames[0].size
-    resized = (out_w, out_h) != (info.width, info.height)
-    kept_original = False
-    if not resized and fmt == info.format and (animate or not info.animated):
-        smaller = _stripped_original(src, info)
-        if smaller is not None and len(smaller) < len(data):
-            data, kept_original = smaller, True
     ext = EXTENSIONS[fmt]
     filename = f"processed_{job_id}.{ext}"
     write_atomic(out_dir / filename, data)
@@ -445,125 +446,38 @@ def write_atomic(path: Path, data: bytes) -> None:
 # --- "never make an image worse for nothing": lossless metadata stripping ---
 
 def _stripped_original(src: Path, info: Probe) -> bytes | None:
-    """The input re-emitted without metadata, when that is possible losslessly
-    and the result displays the same (upright, no colour profile). None otherwise."""
+    """The input re-emitted without metadata (strip.py walks its whole
+    structure), when the result displays the same as what we would encode
+    (upright, no colour profile). None otherwise."""
     if info.orientation != 1 or info.info.get("icc_profile"):
         return None
-    data = src.read_bytes()
     try:
-        if info.format == "jpeg":
-            return _strip_jpeg(data)
-        if info.format == "png":
-            return _strip_png(data)
-        if info.format == "webp":
-            return _plain_webp(data)
-        if info.format == "gif":
-            return _strip_gif(data)
-    except (IndexError, struct.error, ValueError):
-        return None
-    return None
+        data = src.read_bytes()
+    except OSError:
+        return None  # re-encoding is always possible
+    return strip(data, info.format)
 
 
-def _strip_jpeg(data: bytes) -> bytes | None:
-    """Drop APP1 (EXIF/XMP, GPS), APP2..APP15 except Adobe APP14, and COM
-    segments; cut anything after EOI (MPO second image, polyglot payloads)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    out = bytearray(b"\xff\xd8")
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        segment = data[pos : pos + 2 + length]
-        if marker == 0xDA:  # SOS: entropy-coded data follows until EOI
-            end = data.find(b"\xff\xd9", pos)
-            if end < 0:
-                return None
-            out += data[pos : end + 2]
-            return bytes(out)
-        keep = marker == 0xE0 or marker == 0xEE or not (0xE1 <= marker <= 0xEF or marker == 0xFE)
-        if keep:
-            out += segment
-        pos += 2 + length
-    return None
-
-
-_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"sBIT", b"pHYs",
-             b"acTL", b"fcTL", b"fdAT", b"bKGD"}
-
-
-def _strip_png(data: bytes) -> bytes | None:
-    """Keep image-defining chunks only (no text, eXIf, time); stop at IEND."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    out = bytearray(data[:8])
-    pos = 8
-    while pos + 12 <= len(data):
-        length = struct.unpack(">I", data[pos : pos + 4])[0]
-        kind = data[pos + 4 : pos + 8]
-        chunk = data[pos : pos + 12 + length]
-        if kind in _PNG_KEEP:
-            out += chunk
-        if kind == b"IEND":
-            return bytes(out)
-        pos += 12 + length
-    return None
-
-
-def _plain_webp(data: bytes) -> bytes | None:
-    """The WebP as is if it carries no EXIF/XMP/ICC chunk; cut trailing bytes."""
-    size = struct.unpack("<I", data[4:8])[0] + 8
-    pos = 12
-    while pos + 8 <= min(size, len(data)):
-        kind = data[pos : pos + 4]
-        if kind in (b"EXIF", b"XMP ", b"ICCP"):
-            return None
-        pos += 8 + struct.unpack("<I", data[pos + 4 : pos + 8])[0] + 1 & ~1
-    return data[:size] if size <= len(data) else None
-
-
-_GIF_KEEP_APPS = (b"NETSCAPE2.0", b"ANIMEXTS1.0")  # the loop count; every other application block is metadata
-
-
-def _strip_gif(data: bytes) -> bytes | None:
-    """Keep the screen, colour tables, frames, graphic controls, plain text and
-    the loop extension; drop comments and application blocks (XMP, ICC,
-    anything else); cut anything after the trailer. None if malformed."""
-    if data[:6] not in (b"GIF87a", b"GIF89a") or len(data) < 13:
-        return None
-    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
-    out = bytearray(data[:pos])
-
-    def blocks_end(at: int) -> int:  # end of a chain of data sub-blocks (after its 0 terminator)
-        while data[at]:
-            at += 1 + data[at]
-        return at + 1
-
-    while pos < len(data):
-        kind = data[pos]
-        if kind == 0x3B:  # trailer
-            out += b"\x3b"
-            return bytes(out)
-        if kind == 0x21:  # extension: label, then sub-blocks
-            label = data[pos + 1]
-            end = blocks_end(pos + 2)
-            app = data[pos + 3 : pos + 14] if label == 0xFF and data[pos + 2] == 11 else b""
-            if label in (0xF9, 0x01) or app in _GIF_KEEP_APPS:
-                out += data[pos:end]
-            pos = end
-        elif kind == 0x2C:  # image: descriptor, local colour table, LZW code size, sub-blocks
-            flags = data[pos + 9]
-            start = pos + 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-            end = blocks_end(start + 1)
-            out += data[pos:end]
-            pos = end
-        else:
-            return None
-        if pos > len(data):
-            return None
-    return None
+def _same_pixels(data: bytes, fmt: str, frames: list[Image.Image]) -> bool:
+    """Whether ``data`` decodes (with the plugin of ``fmt`` only) to exactly
+    the frames we would have encoded: the stripped file is kept only then."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS[fmt]) as im:
+                count = 0
+                for count, got in enumerate(ImageSequence.Iterator(im), 1):  # one object, moved frame by frame
+                    if count > len(frames):
+                        return False
+                    got.load()
+                    got, want = _normalize_mode(got), frames[count - 1]
+                    if got.size != want.size or got.mode != want.mode or ImageChops.difference(got, want).getbbox():
+                        return False
+                    if len(frames) == 1:
+                        break  # a still: only the first frame was kept
+                return count == len(frames)
+    except Exception:  # anything odd about the stripped file: re-encode instead
+        return False
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a partial picture
