@@ -151,7 +151,11 @@ def inspect(path: Path | str, limits: "Limits") -> Header:
             try:
                 return _WALKERS[kind](reader, limits)
             except (_Truncated, struct.error, IndexError):
-                raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is truncated or a length in it is wrong") from None
+                raise ImageError("INVALID_IMAGE", f"The {kind.upper()} file is truncated or a length in it is wrong",
+                                 detail=f"probe: stopped at byte {reader.pos:,} of {reader.size:,}") from None
+            except ImageError as exc:
+                exc.detail = exc.detail or f"probe: stopped at byte {reader.pos:,} of {reader.size:,}"
+                raise
     except OSError as exc:
         raise ImageError("IO_ERROR", "The upload could not be read on the server", transient=True,
                          detail=f"{type(exc).__name__}: {exc}") from None
@@ -194,7 +198,7 @@ def check_animation(fmt: str, frames: int, width: int, height: int, limits: "Lim
 
 
 def _invalid(fmt: str, why: str) -> ImageError:
-    return ImageError("INVALID_IMAGE", f"The {fmt} file is corrupt ({why})")
+    return ImageError("INVALID_IMAGE", f"The {fmt} file is corrupt: {why}")
 
 
 # --- JPEG ------------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ def _png(r: _Reader, limits: "Limits") -> Header:
             break
         length, kind = struct.unpack(">I4s", r.read(8))
         if length > 0x7FFFFFFF or not kind.isalpha():
-            raise _invalid("PNG", f"chunk {kind!r} of length {length}")
+            raise _invalid("PNG", f"a chunk of length {length} or with a type that is not four letters")
         if kind == b"IEND":
             break
         if kind == b"acTL" and not seen_idat and length >= 8:
