@@ -42,6 +42,8 @@ from .uploads import Form, UploadedFile, read_form
 
 LOG = log.get("api")
 HEALTH_STALE_MS = 5000
+STORAGE_CHECK_S = 2.0  # how long a check of the data directories' writability is reused
+STORAGE_RETRY_AFTER_S = 30
 RATE_LIMITED_TEXT = "Too many requests from this address; try again later"
 DRAIN_S = 10  # on SIGTERM, in-flight requests get this long to finish
 STATIC = Path(__file__).resolve().parent / "static"
@@ -66,6 +68,7 @@ class Api:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self._avg: tuple[float, int] = (0.0, 0)
+        self._storage: tuple[float, list[str]] = (-STORAGE_CHECK_S, [])  # (checked at, problems)
         self.app = bottle.Bottle()
         self.app.config["catchall"] = False  # our boundary handles errors; never a traceback page
         self.app.install(self._boundary)
@@ -87,6 +90,17 @@ class Api:
                 if exc.code == "QUEUE_FULL":
                     headers["Retry-After"] = str(self._retry_after_s())
                 return self._error(exc.status, exc.message, exc.code, headers)
+            except OSError as exc:
+                if bottle.request.path not in UPLOAD_PATHS:
+                    LOG.exception("Unhandled error on %s %s", bottle.request.method, bottle.request.path)
+                    return self._error(500, "Internal server error", "INTERNAL_ERROR")
+                # The upload could not be written (read-only or full disk, permissions, no
+                # inodes): the server's fault and transient, so 503 with Retry-After, and
+                # admission refuses further uploads until a check passes again.
+                self._storage_problems(refresh=True)  # logs what is unwritable; admission uses it
+                LOG.error("Upload not stored on %s: %s: %s", bottle.request.path, type(exc).__name__, exc)
+                return self._error(503, "The server cannot store uploads right now; try again later",
+                                   "STORAGE_UNAVAILABLE", {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
             except Exception:
                 LOG.exception("Unhandled error on %s %s", bottle.request.method, bottle.request.path)
                 return self._error(500, "Internal server error", "INTERNAL_ERROR")
@@ -158,6 +172,11 @@ class Api:
             return Refusal(429, "Too Many Requests", "RATE_LIMITED", RATE_LIMITED_TEXT,
                            {"Retry-After": blocked["RateLimit-Reset"], **blocked})
         if head.path in UPLOAD_PATHS:
+            problems = self._storage_problems(refresh=bool(self._storage[1]))  # I/O only while it is failing
+            if problems:
+                return Refusal(503, "Service Unavailable", "STORAGE_UNAVAILABLE",
+                               "The server cannot store uploads right now; try again later",
+                               {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
             need = head.content_length if head.content_length is not None else body_limit(
                 head.method, head.path, self.cfg)
             free = free_bytes(str(self.storage.root), tempfile.gettempdir())
@@ -519,6 +538,21 @@ class Api:
     def get_dashboard_page(self) -> Any:
         return self.get_static("dashboard.html")
 
+    def _storage_problems(self, refresh: bool) -> list[str]:
+        """Data directories that cannot be written (Storage.unwritable),
+        checked at most every STORAGE_CHECK_S; without ``refresh`` only the
+        last result."""
+        at, problems = self._storage
+        if refresh and time.monotonic() - at >= STORAGE_CHECK_S:
+            problems = self.storage.unwritable()
+            if problems != self._storage[1]:
+                if problems:
+                    LOG.error("Data directory not writable: %s", "; ".join(problems))
+                else:
+                    LOG.info("Data directory writable again")
+            self._storage = (time.monotonic(), problems)
+        return problems
+
     def get_health(self) -> bottle.HTTPResponse:
         try:
             live, rows = self._supervisors()
@@ -527,6 +561,12 @@ class Api:
                                     "database": "error"})
         payload: dict[str, Any] = {"database": "ok", "uptime": round(time.monotonic() - self.started, 1),
                                    "limits": self._public_limits()}
+        problems = self._storage_problems(refresh=True)
+        payload["storage"] = problems or "ok"
+        if problems:
+            payload.update(status="degraded", reason="cannot write to the data directory: " + "; ".join(problems)
+                           + " (uploads get 503, jobs wait and retry)")
+            return self._json(503, payload)
         if not live:
             last = max((s["heartbeat_at"] for s in rows), default=None)
             payload.update(status="degraded", reason="no supervisor has reported in the last "

@@ -421,9 +421,12 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + rename,
     so readers never see a partial file; fsync so it survives a power cut."""
-    # ".tmp-<name>." lets the supervisor find the half-written file of a worker it had to kill
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        # ".tmp-<name>." lets the supervisor find the half-written file of a worker it had to kill.
+        # Inside the try: an unwritable directory (read-only, permissions, no inodes) is an
+        # I/O error like a failed write, transient, not a bug in the pipeline.
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -436,7 +439,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError as exc:
         try:
-            os.unlink(tmp)
+            if tmp is not None:
+                os.unlink(tmp)
         except OSError:
             pass
         raise ImageError("IO_ERROR", "The result could not be written on the server", transient=True,

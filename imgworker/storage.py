@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,22 @@ class Storage:
     def ensure(self) -> None:
         for d in (self.root, self.uploads, self.processed, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+
+    def unwritable(self) -> list[str]:
+        """The data directories a file cannot be created in right now
+        (read-only filesystem, permissions, no inodes or space, a directory
+        gone), each as ``"<dir>/: <reason>"``; empty when all is well. Creates
+        and removes one empty file in each (named ``.tmp-writable-*`` so that
+        cleanup sweeps one a crash left behind)."""
+        problems = []
+        for folder in (self.tmp, self.uploads, self.processed):
+            try:
+                fd, path = tempfile.mkstemp(prefix=".tmp-writable-", dir=folder)
+                os.close(fd)
+                os.unlink(path)
+            except OSError as exc:
+                problems.append(f"{folder.name}/: {exc.strerror or type(exc).__name__}")
+        return problems
 
     def upload_path(self, job_id: str, fmt: str) -> Path:
         """``uploads/<jobId>-<pid>.<ext>``: the pid of the API process that

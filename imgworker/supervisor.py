@@ -17,6 +17,9 @@ Contract:
   supervisor is gone are taken back (queue.recover).
 - Before each claim memory use is read; at or above MEMORY_PAUSE_PERCENT no
   job is claimed until use is below MEMORY_RESUME_PERCENT.
+- A job's I/O error (IO_ERROR, transient: retried with backoff) makes it
+  check that the data directories can be written; while one cannot, no job
+  is claimed (rechecked every STORAGE_CHECK_S), so jobs wait, not fail.
 - SIGTERM/SIGINT: stop claiming, let running jobs finish within
   SHUTDOWN_TIMEOUT_MS, then kill and release the rest without spending an
   attempt; exit 0. SIGHUP: re-read settings (thresholds, timeouts, log level).
@@ -52,6 +55,7 @@ POLL_S = 0.25          # claim poll when no wake-up arrives (other hosts, lost d
 KILL_GRACE_S = 0.2     # between SIGTERM and SIGKILL of a timed-out worker
 LEASE_GRACE_MS = 10_000
 DEAD_AFTER_MS = 60_000  # a supervisor on another host silent this long is dead
+STORAGE_CHECK_S = 2.0   # how often a pause for an unwritable data directory is rechecked
 BOOT_BACKOFF_S = 1      # pause before replacing workers that die while starting
 PROCESSING_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -127,6 +131,8 @@ class Supervisor:
         self.paused = False
         self.pause_reason: str | None = None
         self.memory: dict[str, Any] = {}
+        self.storage_problems: list[str] = []  # data directories found unwritable after an I/O error
+        self.storage_checked = 0.0
         self.counters = Counters()
         self.memprobe = MemoryProbe()
         self.selector = selectors.DefaultSelector()
@@ -402,7 +408,7 @@ class Supervisor:
         idle = [w for w in self.workers.values() if w.ready and not w.busy and not w.doomed and not w.retire]
         if not idle:
             return
-        if not self.memory_allows():
+        if not self.memory_allows() or not self.storage_allows():
             return
         for w in idle:
             job = self.queue.claim(self.id, self.lease_ms)
@@ -480,6 +486,8 @@ class Supervisor:
                 pass
 
     def settle_failure(self, job: dict[str, Any], code: str, message: str, transient: bool) -> None:
+        if code == "IO_ERROR":
+            self.storage_allows(check=True)
         outcome = self.queue.fail(job["id"], self.id, code, message, transient, self.policy)
         if outcome is None:
             return
@@ -493,6 +501,22 @@ class Supervisor:
             self.counters.failed += 1
             self.counters.failed_by_code[code] = self.counters.failed_by_code.get(code, 0) + 1
             LOG.warning("Job failed: %s (%s)", message, code, extra={"job": job["id"]})
+
+    # -- storage ---------------------------------------------------------------------------
+    def storage_allows(self, check: bool = False) -> bool:
+        """After a job's I/O error, claim nothing while a data directory
+        cannot be written (read-only, permissions, no inodes or space),
+        rechecked every STORAGE_CHECK_S: jobs wait in the queue instead of
+        spending their retries on a disk that cannot take them."""
+        now = time.monotonic()
+        if (check or self.storage_problems) and now - self.storage_checked >= STORAGE_CHECK_S:
+            problems = self.storage.unwritable()
+            if problems and not self.storage_problems:
+                LOG.error("Paused claiming jobs: data directory not writable: %s", "; ".join(problems))
+            elif self.storage_problems and not problems:
+                LOG.info("Resumed claiming jobs: data directory writable again")
+            self.storage_problems, self.storage_checked = problems, now
+        return not self.storage_problems
 
     # -- memory ----------------------------------------------------------------------------
     def memory_allows(self) -> bool:
@@ -543,6 +567,7 @@ class Supervisor:
             "pool": [{"slot": w.slot, "pid": w.pid, "busy": w.busy, "jobId": w.job["id"] if w.job else None,
                       "rssMb": w.rss_mb, "jobsDone": w.jobs_done} for w in workers],
             "memory": self.memory,
+            "storage": self.storage_problems or "ok",
             "counters": {**self.counters.__dict__},
             "uptime": round(time.monotonic() - self.started_mono, 1),
         }
