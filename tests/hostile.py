@@ -6,6 +6,7 @@ every CI run and the full size under ``-m slow``.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -49,6 +50,7 @@ def gif_bytes(screen: tuple[int, int], frames: list[tuple[int, int, int, int]], 
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=8)
 def _gif_frame(size: tuple[int, int], index: int = 0) -> bytes:
     """One image descriptor and its LZW data, as Pillow encodes a flat frame
     (a real, decodable stream: about 75 KB for 9999x9999)."""

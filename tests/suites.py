@@ -521,3 +521,66 @@ def slow_clients(service: Callable, n_slow: int, seconds: float, interval: float
         "p99_ms_by_kind": {k: round(percentile(v, 0.99) * 1000, 1) for k, v in latencies.items()},
         "attacker": stats, "attacker_held": [held_at_start, held_at_end],
     }
+
+
+# --- decoder attacks (issue 15 items 7, 9, 10, 11) -------------------------------------------------
+def decoder_attacks(service: Callable, full: bool) -> dict[str, Any]:
+    """Upload issue 15's decoder attacks to a real service with default
+    limits: each must be refused at upload (422 with a code), quickly and
+    without growing the API; files hiding metadata in their structure, sent
+    with format=original, must come back without it and well formed."""
+    import hostile
+    import test_strip
+    from imgworker.imaging import Limits
+    from imgworker.probe import inspect
+
+    svc, http = serve(service, RATE_LIMIT_MAX_REQUESTS=10**6, MAX_QUEUE_SIZE=10**4)
+    svc.start()
+    wait_for(lambda: healthy(http), 30, 0.05)
+    api = next(p for p in psutil.Process(svc.proc.pid).children(recursive=True) if p.cmdline()[-1] == "api")
+    rss_before = api.memory_info().rss / 2**20
+    bombs = {
+        "jpeg_scans": hostile.jpeg_scan_bomb((7000, 7000) if full else (2000, 2000), 2000 if full else 300),
+        "gif_frames_beyond_screen": hostile.gif_frames_beyond_canvas(100, 9999, 39 if full else 3),
+        "png_ztxt": hostile.png_ztxt_bomb(64 if full else 20),
+        "gif_many_frames": hostile.gif_many_tiny_frames(2_200_000 if full else 200_000),
+    }
+    checked: dict[str, Any] = {}
+    for name, data in bombs.items():
+        started = time.monotonic()
+        r = upload(http, data, name)
+        checked[name] = {"status": r.status, "code": (r.json or {}).get("code"), "kb": len(data) // 1024,
+                         "seconds": round(time.monotonic() - started, 2)}
+        if r.status == 202:  # valid files (text chunks, many frames): the worker's outcome
+            started = time.monotonic()
+            job = wait_for(lambda: (lambda j: j if j["status"] in FINAL else None)(
+                http.get(f"/api/job/{r.json['jobId']}").json), 60, 0.05, name)
+            checked[name].update(job=job["status"], jobCode=job.get("errorCode"),
+                                 jobSeconds=round(time.monotonic() - started, 2),
+                                 framesIn=(job.get("result") or {}).get("framesIn"))
+    peak = int(open(f"/proc/{api.pid}/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    stripped: dict[str, Any] = {}
+    out_dir = svc.tmp_path / "downloads"
+    out_dir.mkdir()
+    for name, (fmt, data) in sorted(test_strip.CASES.items()):
+        r = upload(http, data, "meta." + fmt, format="original", quality=100)
+        job = wait_for(lambda: (lambda j: j if j["status"] in FINAL else None)(http.get(f"/api/job/{r.json['jobId']}").json),
+                       30, 0.05, name)
+        entry: dict[str, Any] = {"status": job["status"]}
+        if job["status"] == "completed":
+            body = http.get(job["result"]["processedFile"]["url"]).body
+            path = out_dir / f"{len(stripped)}.{fmt}"
+            path.write_bytes(body)
+            entry["kept_original"] = job["result"]["optimization"]["keptOriginalEncoding"]
+            entry["leaked"] = test_strip.SECRET in body
+            try:
+                inspect(path, Limits())
+                entry["well_formed"] = True
+            except Exception as exc:
+                entry["well_formed"] = str(exc)
+        stripped[name] = entry
+    healthy_after = healthy(http)
+    jobs = svc.queue.stats()["totalJobs"]
+    svc.stop()
+    return {"checked": checked, "api_rss_mb": {"before": round(rss_before, 1), "peak": round(peak, 1)},
+            "stripped": stripped, "healthy_after": healthy_after, "jobs": jobs}

@@ -205,3 +205,29 @@ def test_slow_clients_full(service):
     # 1,000 slow connections from 50 addresses (20 each, under the per-client limit): all held
     check_slow_clients(report("slow-clients-spread-full", suites.slow_clients(service, n_slow=1000, seconds=30,
                                                                               interval=2.0, sources=50)))
+
+
+def check_decoders(r):
+    c = r["checked"]
+    # CPU and memory bombs: refused from their structure at upload, no job
+    for name in ("jpeg_scans", "gif_frames_beyond_screen"):
+        assert c[name]["status"] == 422 and c[name]["code"] == "IMAGE_TOO_LARGE", (name, c[name])
+    # valid but heavy to probe: accepted after a bounded check, then processed as usual
+    for name in ("png_ztxt", "gif_many_frames"):
+        assert c[name]["status"] == 202 and c[name]["job"] in ("completed", "failed"), (name, c[name])
+    assert c["gif_many_frames"]["job"] == "completed" and c["gif_many_frames"]["framesIn"] == 1001
+    assert all(got["seconds"] < 3 for got in c.values()), c
+    assert r["api_rss_mb"]["peak"] - r["api_rss_mb"]["before"] < 40, r["api_rss_mb"]
+    assert r["jobs"] == len(r["stripped"]) + 2  # the refused bombs left no row
+    for name, got in r["stripped"].items():
+        assert got["status"] == "completed" and not got["leaked"] and got["well_formed"] is True, (name, got)
+    assert r["healthy_after"]
+
+
+def test_decoders_quick(service):
+    check_decoders(report("decoders-quick", suites.decoder_attacks(service, full=False)))
+
+
+@pytest.mark.slow
+def test_decoders_full(service):
+    check_decoders(report("decoders-full", suites.decoder_attacks(service, full=True)))
