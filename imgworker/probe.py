@@ -171,7 +171,10 @@ def _heif(fh: BinaryIO, limits: "Limits") -> Header:
     if header.format not in limits.formats:
         raise ImageError("UNSUPPORTED_FORMAT", f"Unsupported file type ({header.format.upper()}); accepted: "
                                                f"{', '.join(f.upper() for f in limits.formats)}")
-    return Header(header.format, header.width, header.height, header.frames, alpha=header.alpha)
+    width, height = header.width, header.height
+    if header.rotation in (90, 270):  # the decoders apply irot: the picture is shown turned
+        width, height = height, width
+    return Header(header.format, width, height, header.frames, alpha=header.alpha)
 
 
 def check_pixels(width: int, height: int, limits: "Limits", what: str = "The image") -> None:
