@@ -8,6 +8,8 @@ keep-the-original path.
 
 Each case runs in a child with the address space capped at 4 GB and a
 wall-clock limit, so a bomb that gets through shows as a figure, not a hang.
+Peak RSS is the child's VmHWM (ru_maxrss would carry the parent's peak
+across exec).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ except MemoryError:
     outcome = "MemoryError"
 print(json.dumps({"outcome": outcome, "cpu_s": round(time.process_time() - cpu, 2),
                   "wall_s": round(time.monotonic() - started, 2),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "peak_rss_mb": int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) // 1024}))
 """
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import hostile
 from helpers import Http, free_port, image_bytes
 from conftest import ROOT, wait_for
 
@@ -268,9 +269,9 @@ def test_dashboard_numbers_move_while_jobs_run(site, tmp_path):
     assert page.inner_text("#kpi-completed") == "0" and page.inner_text("#kpi-waiting-sub") == "of 100 max"
     assert "claiming pauses at 90%" in page.inner_text("#memory-text")
     photo = noisy_jpeg()
-    png = image_bytes("PNG", (300, 200))
+    # sound structure, corrupt deflate stream: accepted, then failed by the worker
     r = s.http.upload("/api/process/batch", files=[("images", f"p{i}.jpg", photo) for i in range(10)]
-                      + [("images", "cut.png", png[: len(png) // 2])])
+                      + [("images", "cut.png", hostile.png_corrupt_deflate())])
     assert r.status == 202 and len(r.json["jobs"]) == 11
     seen = {"completed": set(), "waiting": set(), "busy": False}
 
