@@ -34,7 +34,7 @@ from .backends import open_queue
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
 from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, client_of, creates_work, json_error, secure
 from .metrics import Metrics, pool_summary
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, SharedRateLimiter
 from .server import Refusal, RequestHead, free_bytes
 from .queue import JobQueue, NewJob
 from .storage import Storage, fsync_dir
@@ -61,10 +61,13 @@ class Api:
     def __init__(self, cfg: config_mod.Config, queue: JobQueue | None = None):
         self.cfg = cfg
         self.queue = queue or open_queue(cfg, role="imgworker-api")
-        self.storage = Storage(cfg.data_dir)
+        self.storage = Storage.for_config(cfg)
         self.storage.ensure()
         self.limits = imaging.Limits.from_config(cfg)
-        self.ratelimit = RateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000)
+        # one VM: counted in memory; several nodes on PostgreSQL: counted in the database
+        self.ratelimit = (SharedRateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000, self.queue)
+                          if cfg.database_url else
+                          RateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000))
         self.metrics = Metrics()
         self.started = time.monotonic()
         self._avg: tuple[float, int] = (0.0, 0)
@@ -269,7 +272,7 @@ class Api:
 
         def move_uploads() -> None:
             for job, upload in staged:
-                os.replace(upload.path, job.input_path)
+                self.storage.move_in(Path(upload.path), Path(job.input_path))
                 upload.path = Path(job.input_path)
                 moved.append(job.input_path)
             fsync_dir(self.storage.uploads)  # the renames survive a power cut, like the rows
@@ -643,10 +646,38 @@ def _reload(api: Api) -> None:
         LOG.warning("%s: read at start only; restart the API to apply", ", ".join(later))
 
 
+NODE_HEARTBEAT_S = 2.0
+
+
+def _register_node(api: Api, stop: threading.Event) -> str | None:
+    """On a store shared by several nodes (PostgreSQL), register this API
+    process as a node and keep its heartbeat from a small thread until
+    ``stop``; returns the node id (None on SQLite: one VM, nothing to share)."""
+    register = getattr(api.queue, "register_api", None)
+    if register is None:
+        return None
+    import socket
+
+    node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    started = int(time.time() * 1000)
+
+    def beat() -> None:
+        while True:
+            try:
+                register(node_id, socket.gethostname(), os.getpid(), started)
+            except Exception as exc:  # the database is away: the store reconnects; try again
+                LOG.warning("Node heartbeat failed: %s", exc)
+            if stop.wait(NODE_HEARTBEAT_S):
+                return
+
+    threading.Thread(target=beat, name="node-heartbeat", daemon=True).start()
+    return node_id
+
+
 def run(cfg: config_mod.Config) -> int:
     """Entry point of ``imgworker api``: serve until SIGTERM/SIGINT, then stop
     accepting, let in-flight requests finish (bounded) and exit 0."""
-    Storage(cfg.data_dir).ensure()
+    Storage.for_config(cfg).ensure()
     api = Api(cfg)
     api.queue.migrate()
     api.storage.sweep_dead(api.queue)  # uploads cut off by a crash of an earlier API process
@@ -665,6 +696,7 @@ def run(cfg: config_mod.Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    node = _register_node(api, stop)
     LOG.info("Image Processing Server running on http://%s:%s", cfg.host, server.effective_port)
     LOG.info("Max concurrent jobs: %d", cfg.max_concurrent_jobs)
     LOG.info("Job timeout: %dms", cfg.job_timeout_ms)
@@ -678,6 +710,11 @@ def run(cfg: config_mod.Config) -> int:
     server.stop_listening()
     server.drain(DRAIN_S)
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+    if node is not None:
+        try:
+            api.queue.remove_supervisors([node])
+        except Exception:
+            LOG.exception("Could not unregister the node")
     api.queue.close()
     LOG.info("API stopped")
     return 0

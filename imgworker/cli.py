@@ -106,7 +106,7 @@ def _queue(cfg: config_mod.Config):
     from .backends import open_queue
     from .storage import Storage
 
-    Storage(cfg.data_dir).ensure()
+    Storage.for_config(cfg).ensure()
     q = open_queue(cfg, role="imgworker-cli")
     q.migrate()
     return q
@@ -201,7 +201,7 @@ def cmd_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         conn = dialect.connect(cfg.database_url, application_name="imgworker-cli")
     else:
         dialect = db  # type: ignore[assignment]
-        Storage(cfg.data_dir).ensure()
+        Storage.for_config(cfg).ensure()
         conn = db.connect(cfg.database_path)
     try:
         if args.status:
@@ -314,7 +314,7 @@ def cmd_stats(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def cmd_cleanup(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from .storage import Storage
 
-    counts = Storage(cfg.data_dir).cleanup(_queue(cfg), cfg.job_retention_ms)
+    counts = Storage.for_config(cfg).cleanup(_queue(cfg), cfg.job_retention_ms)
     print(f"removed {counts['jobs']} expired jobs and {counts['files']} files")
     return EXIT_OK
 

@@ -165,6 +165,8 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("APP_ENV", _choice(ENVIRONMENTS + ("",)), "", "environment name: development, production or test"),
     ("HOST", _text, "127.0.0.1", "address the API listens on"),
     ("DATA_DIR", _text, "./data", "uploads, processed images, temp files and the database"),
+    ("TMP_DIR", _text, "", "uploads being received (default: $DATA_DIR/tmp); with a shared DATA_DIR, "
+     "a directory on the node's local disk"),
     ("DATABASE_PATH", _text, "", "SQLite file (default: $DATA_DIR/imgworker.db)"),
     ("DATABASE_URL", _database_url, "", "`postgresql://user:password@host/db` selects the PostgreSQL store "
      "(several nodes; see Scaling out); empty: SQLite at DATABASE_PATH"),
@@ -228,6 +230,11 @@ class Config:
     def database_path(self) -> Path:
         raw = self.values["DATABASE_PATH"]
         return Path(raw).resolve() if raw else self.data_dir / "imgworker.db"
+
+    @property
+    def tmp_dir(self) -> Path:
+        raw = self.values["TMP_DIR"]
+        return Path(raw).resolve() if raw else self.data_dir / "tmp"
 
     @property
     def database_url(self) -> str:

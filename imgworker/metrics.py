@@ -123,13 +123,20 @@ class SupervisorStates:
         hist.sum = self.counters()["processing_ms_sum"]
         return hist
 
-    def worker_rss(self) -> list[tuple[int, float]]:
-        return [(w["slot"], w.get("rssMb", 0)) for s in self.states for w in s.get("pool", [])]
+    def worker_rss(self) -> list[tuple[str, int, float]]:
+        """(node, slot, MB) of every worker: slots repeat across nodes, so the
+        node (the supervisor's id) keeps each sample's labels unique."""
+        return [(s.get("node", ""), w["slot"], w.get("rssMb", 0)) for s in self.states for w in s.get("pool", [])]
 
     def memory_percent(self) -> float | None:
         mem = [s.get("memory", {}).get("percent") for s in self.states if s.get("memory")]
         mem = [m for m in mem if isinstance(m, (int, float))]
         return max(mem) if mem else None
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def pool_summary(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,7 +214,7 @@ class Metrics:
         out += sup.processing().lines("imgworker_processing_seconds",
                                       "Processing time of completed jobs (since supervisor start).", scale=0.001)
         metric("worker_rss_bytes", "gauge", "Resident memory of each worker after its last job.",
-               [(f'{{slot="{slot}"}}', mb * 2**20) for slot, mb in sup.worker_rss()])
+               [(f'{{node="{_label(node)}",slot="{slot}"}}', mb * 2**20) for node, slot, mb in sup.worker_rss()])
         mem = sup.memory_percent()
         metric("memory_used_percent", "gauge", "Memory use seen by the supervisor.",
                [("", mem)] if mem is not None else [])

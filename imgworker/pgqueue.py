@@ -500,7 +500,57 @@ class PgJobQueue:
 
     def supervisors(self) -> list[dict[str, Any]]:
         return self._run(lambda c, _r: c.execute(
-            "SELECT * FROM supervisors ORDER BY heartbeat_at DESC").fetchall())
+            "SELECT * FROM supervisors WHERE kind = 'supervisor' ORDER BY heartbeat_at DESC").fetchall())
+
+    def register_api(self, node_id: str, hostname: str, pid: int, started_at: int) -> None:
+        """Record (and refresh) an API node's heartbeat; forget API nodes
+        silent for a minute (killed without unregistering)."""
+
+        def op(c: Any, _r: bool) -> None:
+            now = now_ms()
+            c.execute(
+                "INSERT INTO supervisors (id, kind, hostname, pid, started_at, heartbeat_at)"
+                " VALUES (%s, 'api', %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (node_id, hostname, pid, started_at, now))
+            c.execute("DELETE FROM supervisors WHERE kind = 'api' AND heartbeat_at < %s", (now - 60_000,))
+
+        self._run(op)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every registered node, supervisors and APIs, newest heartbeat first."""
+        return self._run(lambda c, _r: c.execute(
+            "SELECT id, kind, hostname, pid, started_at, heartbeat_at FROM supervisors"
+            " ORDER BY heartbeat_at DESC").fetchall())
+
+    # -- the cluster-wide rate limit ---------------------------------------------------------
+    def rate_take(self, key: str, wanted: int, limit: int, window_ms: int) -> tuple[int, int, int, int]:
+        """Count up to ``wanted`` units for ``key`` in its fixed window, for
+        every API node at once: (granted, count now, window start, now), times
+        in ms by the database's clock (nodes' clocks may differ). The row
+        lock serialises nodes counting the same client."""
+
+        def op(c: Any, _r: bool) -> tuple[int, int, int, int]:
+            with pgdb.write(c):
+                now = c.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS t").fetchone()["t"]
+                c.execute("INSERT INTO rate_limits (key, window_start, count) VALUES (%s, %s, 0)"
+                          " ON CONFLICT (key) DO NOTHING", (key, now))
+                row = c.execute("SELECT window_start, count FROM rate_limits WHERE key = %s FOR UPDATE",
+                                (key,)).fetchone()
+                start, count = row["window_start"], row["count"]
+                if now - start >= window_ms:
+                    start, count = now, 0
+                granted = max(0, min(wanted, limit - count))
+                c.execute("UPDATE rate_limits SET window_start = %s, count = %s WHERE key = %s",
+                          (start, count + granted, key))
+                return granted, count + granted, start, now
+
+        return self._run(op)
+
+    def rate_prune(self, window_ms: int) -> int:
+        """Forget clients whose window has ended (keeps the table small)."""
+        return self._run(lambda c, _r: c.execute(
+            "DELETE FROM rate_limits WHERE window_start < (extract(epoch FROM clock_timestamp()) * 1000)::bigint - %s",
+            (window_ms,)).rowcount)
 
     def remove_supervisors(self, sup_ids: Iterable[str]) -> None:
         ids = list(sup_ids)

@@ -58,3 +58,36 @@ class RateLimiter:
             count += granted
             self._hits[key] = (start, count)
         return granted, self._headers(start, count, now)
+
+
+class SharedRateLimiter(RateLimiter):
+    """The same limit held across every API node of a PostgreSQL cluster.
+
+    :meth:`take` counts in the database (one small table, a row per client
+    updated under its row lock, by the database's clock: see
+    ``PgJobQueue.rate_take``), so N nodes together grant no more than the
+    limit. :meth:`blocked` runs on the server's I/O thread and must not wait
+    on the network: it answers from what this node last learnt about the
+    client; a client this node has not seen yet is refused by :meth:`take`.
+    """
+
+    def __init__(self, limit: int, window_s: float, store: object):
+        super().__init__(limit, window_s)
+        self.store = store
+
+    def take(self, key: str, wanted: int = 1) -> tuple[int, dict[str, str]]:
+        window_ms = int(self.window * 1000)
+        granted, count, start_ms, now_ms = self.store.rate_take(key, wanted, self.limit, window_ms)
+        now = time.monotonic()
+        start = now - (now_ms - start_ms) / 1000  # the window's start on this node's monotonic clock
+        with self._lock:
+            self._current(key, now)  # prunes this node's memory once per window
+            self._hits[key] = (start, count)
+            prune = now >= self._next_db_prune
+            if prune:
+                self._next_db_prune = now + self.window
+        if prune:
+            self.store.rate_prune(window_ms)
+        return granted, self._headers(start, count, now)
+
+    _next_db_prune = 0.0

@@ -1,10 +1,15 @@
 """The data directory: where uploads, outputs and temp files live, and their cleanup.
 
-Layout under DATA_DIR::
+Layout under DATA_DIR (shared by every node of a cluster)::
 
-    uploads/<jobId>.<ext>            accepted uploads (kept until the job's retention ends)
-    processed/processed_<jobId>.<ext> outputs, written atomically by the pipeline
-    tmp/                             uploads being received; anything old here is an orphan
+    uploads/<jobId>-<pid>.<node>.<ext> accepted uploads (kept until the job's retention ends)
+    processed/processed_<jobId>.<ext>  outputs, written atomically by the pipeline
+    tmp/                               uploads being received (TMP_DIR, when set, is used
+                                       instead: a node's local disk); old ones are orphans
+
+``<pid>.<node>`` names the API process that wrote a file: ``<node>`` is a
+short hash of the host name, so a node sweeps only files of its own dead
+processes, never another host's upload in flight (a pid means nothing there).
 
 Client file names are never used as paths: every name here is built from a
 job id the service generated.
@@ -12,8 +17,12 @@ job id the service generated.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
+import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -24,17 +33,33 @@ from . import log
 
 LOG = log.get("cleanup")
 OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif|avif)$")
-UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)\.(jpg|png|webp|gif|avif|heic)$")
-TMP_UPLOAD = re.compile(r"^upload-(\d+)-")
+# group 1 job id, 2 pid, 3 node tag (absent in names written before nodes existed)
+UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)(?:\.([0-9a-f]{8}))?\.(jpg|png|webp|gif|avif|heic)$")
+TMP_UPLOAD = re.compile(r"^upload-(\d+)(?:\.([0-9a-f]{8}))?-")
+NODE_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
 
 
+def temp_upload_prefix() -> str:
+    """Name prefix of this process's temp uploads (see the module doc)."""
+    return f"upload-{os.getpid()}.{NODE_TAG}-"
+
+
+def _mine(pid: str, tag: str | None) -> bool:
+    """A file written by a process of this host that is gone."""
+    return (tag is None or tag == NODE_TAG) and not _pid_alive(int(pid))
+
+
 class Storage:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, tmp_dir: Path | None = None):
         self.root = Path(data_dir)
         self.uploads = self.root / "uploads"
         self.processed = self.root / "processed"
-        self.tmp = self.root / "tmp"
+        self.tmp = Path(tmp_dir) if tmp_dir else self.root / "tmp"
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> "Storage":
+        return cls(cfg.data_dir, cfg.tmp_dir)
 
     def ensure(self) -> None:
         for d in (self.root, self.uploads, self.processed, self.tmp):
@@ -57,10 +82,33 @@ class Storage:
         return problems
 
     def upload_path(self, job_id: str, fmt: str) -> Path:
-        """``uploads/<jobId>-<pid>.<ext>``: the pid of the API process that
-        writes the row lets cleanup tell at once an upload whose row never
-        committed (its process died) from one still being committed."""
-        return self.uploads / f"{job_id}-{os.getpid()}.{'jpg' if fmt == 'jpeg' else fmt}"
+        """``uploads/<jobId>-<pid>.<node>.<ext>``: the pid and host of the API
+        process that writes the row let cleanup tell at once an upload whose
+        row never committed (its process died) from one still being committed."""
+        return self.uploads / f"{job_id}-{os.getpid()}.{NODE_TAG}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+    def move_in(self, src: Path, dst: Path) -> None:
+        """Move a received upload into uploads/ atomically: a rename, or when
+        TMP_DIR is on another file system (a node's local disk, DATA_DIR a
+        shared mount) a copy to a hidden name beside ``dst`` first, synced,
+        then the rename. Readers never see a partial file."""
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        part = dst.with_name(f".tmp-{dst.name}")
+        try:
+            with open(src, "rb") as fin, open(part, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(part, dst)
+        except BaseException:
+            _unlink(part)
+            raise
+        _unlink(src)
 
     def output_file(self, filename: str) -> Path | None:
         """The processed file named ``filename`` if it is one the service
@@ -115,17 +163,19 @@ class Storage:
 
     def sweep_dead(self, queue: Any) -> int:
         """Delete, whatever their age, files left by processes that died
-        mid-upload: temp uploads (``upload-<pid>-*``) and uploads without a
-        job row (``<jobId>-<pid>.<ext>``) whose writing process is gone."""
+        mid-upload: temp uploads (``upload-<pid>.<node>-*``) and uploads
+        without a job row (``<jobId>-<pid>.<node>.<ext>``) whose writing
+        process is gone. Only this host's files: on a shared DATA_DIR another
+        node's pid cannot be checked from here (its old files go by age)."""
         count = 0
         for entry in _old_entries(self.tmp, float("inf")):
             match = TMP_UPLOAD.match(entry.name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and _mine(match.group(1), match.group(2)):
                 count += _unlink(entry)
         candidates = {}
         for entry in _old_entries(self.uploads, float("inf")):
             match = UPLOAD_NAME.match(entry.name)
-            if match and not _pid_alive(int(match.group(2))):
+            if match and _mine(match.group(2), match.group(3)):
                 candidates[match.group(1)] = entry
         if candidates:
             known = queue.known_ids(candidates)

@@ -119,7 +119,7 @@ class Supervisor:
     def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
         self.queue = open_queue(cfg, durable=False, role="imgworker-supervisor")
-        self.storage = Storage(cfg.data_dir)
+        self.storage = Storage.for_config(cfg)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started_ms = int(time.time() * 1000)
         self.started_mono = time.monotonic()
@@ -559,6 +559,7 @@ class Supervisor:
     def state(self) -> dict[str, Any]:
         workers = list(self.workers.values())
         return {
+            "node": self.id,
             "paused": self.paused,
             "pauseReason": self.pause_reason,
             "stopping": self.stopping,

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from multipart import MultipartError, PushMultipartParser, parse_options_header
 
 from .errors import InvalidParameter, ServiceError
+from .storage import temp_upload_prefix
 
 CHUNK = 64 * 1024
 MAX_FIELD_BYTES = 1024      # option values are short numbers or names
@@ -115,7 +116,7 @@ def read_form(environ: dict, tmp_dir: Path, file_fields: tuple[str, ...], max_fi
                             if len(form.files) >= max_files:
                                 raise InvalidParameter(f"Too many files: at most {max_files} per request")
                             # the pid in the name lets cleanup sweep files of dead processes at once
-                            fd, tmp = tempfile.mkstemp(prefix=f"upload-{os.getpid()}-", dir=tmp_dir)
+                            fd, tmp = tempfile.mkstemp(prefix=temp_upload_prefix(), dir=tmp_dir)
                             sink = os.fdopen(fd, "wb")
                             current = UploadedFile(event.name, display_name(event.filename), Path(tmp))
                             form.files.append(current)

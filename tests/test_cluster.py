@@ -181,5 +181,15 @@ def test_database_restart_mid_run(cluster, pg_url, pg_server, tmp_path):
              message=f"all {len(ids)} jobs completed")
     _check_all_done(store, ids, [a, b], tmp_path / "shared-data")
     assert a.proc.poll() is None and b.proc.poll() is None
+    # both nodes' APIs and supervisors are registered; stats and metrics add up the live supervisors
+    kinds = Counter(n["kind"] for n in store.nodes())
+    assert kinds == {"api": 2, "supervisor": 2}
+    stats = a.http.get("/api/stats").json
+    assert stats["supervisors"] == 2 and stats["workers"]["configured"] == 4
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(b.http.get("/metrics").body.decode())}
+    rss = families["imgworker_worker_rss_bytes"].samples  # one per worker, labels unique across nodes
+    assert len(rss) == 4 and len({tuple(sorted(s.labels.items())) for s in rss}) == 4
     assert "Database connection lost" in a.log() + b.log()
     store.close()

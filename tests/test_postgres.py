@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 import subprocess
 import sys
 
@@ -200,3 +201,66 @@ def test_store_survives_a_server_restart(pg_url, pg_server):
     assert listener.drain() is False  # the listener notices and is replaced by the caller
     listener.close()
     q.close()
+
+
+def test_rate_limit_holds_across_api_nodes(api_server, pg_url):
+    from helpers import image_bytes
+
+    settings = dict(DATABASE_URL=pg_url, RATE_LIMIT_MAX_REQUESTS=5, RATE_LIMIT_WINDOW_MS=60000)
+    a, _ = api_server(**settings)
+    b, _ = api_server(**settings)
+    photo = image_bytes("PNG", (20, 20))
+    statuses = [(a if i % 2 else b).upload(files=[("image", "x.png", photo)]).status for i in range(6)]
+    assert statuses == [202] * 5 + [429]
+    # each node now refuses the client from the request headers alone, before reading a body
+    for node in (a, b):
+        r = node.upload(files=[("image", "x.png", photo)])
+        assert r.status == 429 and r.json["code"] == "RATE_LIMITED" and int(r.getheader("Retry-After")) > 0
+    # a batch cannot carry more past the limit either
+    r = a.upload("/api/process/batch", files=[("images", "y.png", photo)] * 2)
+    assert r.status == 429
+
+
+# -- files on a shared DATA_DIR -------------------------------------------------------------
+def test_sweeps_leave_other_hosts_files_alone(tmp_path, queue):
+    from imgworker.storage import NODE_TAG, Storage
+
+    storage = Storage(tmp_path / "data")
+    storage.ensure()
+    dead_pid = 4_000_000  # above any pid this test machine hands out
+    other = "0123abcd" if NODE_TAG != "0123abcd" else "fedc9876"
+    jid = "a" * 32
+    mine_tmp = storage.tmp / f"upload-{dead_pid}.{NODE_TAG}-x1"
+    theirs_tmp = storage.tmp / f"upload-{dead_pid}.{other}-x2"
+    mine_up = storage.uploads / f"{jid}-{dead_pid}.{NODE_TAG}.jpg"
+    theirs_up = storage.uploads / f"{'b' * 32}-{dead_pid}.{other}.jpg"
+    for p in (mine_tmp, theirs_tmp, mine_up, theirs_up):
+        p.write_bytes(b"x")
+    # the other host's pid is "dead" here, but that proves nothing: its upload may be mid-commit
+    assert storage.sweep_dead(queue) == 2
+    assert not mine_tmp.exists() and not mine_up.exists()
+    assert theirs_tmp.exists() and theirs_up.exists()
+
+
+def test_upload_moves_from_a_local_tmp_dir_on_another_file_system(api_server, tmp_path):
+    import tempfile
+
+    from helpers import image_bytes
+
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system for TMP_DIR")
+    local = tempfile.mkdtemp(dir="/dev/shm", prefix="imgw-tmp-")
+    try:
+        http, api = api_server(TMP_DIR=local)
+        photo = image_bytes("PNG", (30, 20))
+        r = http.upload(files=[("image", "x.png", photo)])
+        assert r.status == 202
+        job = api.queue.get(r.json["jobId"])
+        assert Path(job["input_path"]).read_bytes() == photo
+        assert Path(job["input_path"]).parent == tmp_path / "data" / "uploads"
+        assert os.listdir(local) == [] and not [p for p in os.listdir(tmp_path / "data" / "uploads")
+                                              if p.startswith(".tmp-")]
+    finally:
+        import shutil
+
+        shutil.rmtree(local, ignore_errors=True)
