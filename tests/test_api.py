@@ -12,6 +12,7 @@ import zlib
 import pytest
 
 from helpers import image_bytes
+from imgworker.storage import NODE_TAG
 
 JPEG = image_bytes("JPEG", (300, 200))
 
@@ -41,7 +42,7 @@ def test_single_upload_shape_and_job_view(api_server):
     assert job["attempts"] == 0 and job["createdAt"].endswith("Z") and job["startedAt"] is None
     stored = api.queue.get(body["jobId"])
     assert stored["options"] == {"format": "jpeg", "quality": 70}
-    assert os.path.basename(stored["input_path"]) == f"{body['jobId']}-{os.getpid()}.jpg"  # never the client's name
+    assert os.path.basename(stored["input_path"]) == f"{body['jobId']}-{os.getpid()}.{NODE_TAG}.jpg"  # never the client's name
     assert os.listdir(api.storage.tmp) == []
 
 
