@@ -247,15 +247,27 @@ class PgJobQueue:
 
     def complete_and_claim(self, job_id: str, owner: str, result: dict[str, Any], output_path: str,
                            lease_ms: int, now: int | None = None) -> tuple[bool, dict[str, Any] | None]:
-        """complete then claim in one transaction (one commit)."""
+        """complete then claim atomically, in one statement (one round trip,
+        one commit): two data-modifying CTEs on different rows, so the claim
+        never waits on the completion."""
         at = now_ms() if now is None else now
+        params = {"now": at, "owner": owner, "expires": at + lease_ms, "id": job_id, "result": _jsonb(result),
+                  "output": output_path}
 
         def op(c: Any, _replay: bool) -> tuple[bool, dict[str, Any] | None]:
-            with pgdb.write(c):
-                done = self._complete(c, job_id, owner, result, output_path, at)
-                return done, self._claim(c, owner, lease_ms, at)
+            row = c.execute(self._COMPLETE_AND_CLAIM, params).fetchone()
+            done = bool(row.pop("_done"))
+            return done, (_decode(row) if row["seq"] is not None else None)
 
         return self._run(op)
+
+    _COMPLETE_AND_CLAIM = (
+        "WITH done AS (UPDATE jobs SET status = 'completed', completed_at = %(now)s, result = %(result)s,"
+        "   output_path = %(output)s, error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
+        "   WHERE id = %(id)s AND status = 'processing' AND lease_owner = %(owner)s RETURNING 1),"
+        " next AS (" + _CLAIM + ")"
+        " SELECT (SELECT count(*) FROM done) AS _done, next.* FROM (SELECT 1) AS one LEFT JOIN next ON true"
+    )
 
     @staticmethod
     def _complete(c: Any, job_id: str, owner: str, result: dict[str, Any], output_path: str, now: int) -> bool:
