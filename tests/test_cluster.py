@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -127,11 +128,39 @@ def _check_all_done(store, ids, nodes, shared):
     assert survivor.http.get(some["url"]).status == 200
 
 
+class Submitter(threading.Thread):
+    """Uploads ``count`` jobs through the nodes in turn, in the background;
+    a node that stops answering is skipped from then on (its clients move
+    to a live node, as behind a load balancer)."""
+
+    def __init__(self, nodes, count, photo):
+        super().__init__(daemon=True)
+        self.nodes, self.count, self.photo = list(nodes), count, photo
+        self.ids: list[str] = []
+        self.error = None
+
+    def run(self):
+        try:
+            i = 0
+            while len(self.ids) < self.count:
+                node = self.nodes[i % len(self.nodes)]
+                i += 1
+                try:
+                    r = node.http.upload(files=[("image", f"img{i}.jpg", self.photo)])
+                except OSError:
+                    self.nodes.remove(node)
+                    continue
+                assert r.status == 202, r.json
+                self.ids.append(r.json["jobId"])
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
 def _kill_mid_run(cluster, pg_url, tmp_path, jobs):
     a, b = cluster(2)
     store = _store(pg_url)
-    photo = image_bytes("JPEG", (1600, 1200), quality=90)
-    ids = _submit([a, b], jobs, photo)
+    submitter = Submitter([a, b], jobs, image_bytes("JPEG", (1600, 1200), quality=90))
+    submitter.start()
     b_sup = wait_for(lambda: [s["id"] for s in store.supervisors() if s["pid"] in
                               {p.pid for p in psutil.Process(b.proc.pid).children(recursive=True)}],
                      10, message="node1's supervisor row")[0]
@@ -139,18 +168,20 @@ def _kill_mid_run(cluster, pg_url, tmp_path, jobs):
     def b_holds_jobs():
         done = store.stats()["byStatus"]["completed"]
         held = [j["id"] for j in store.list("processing", 100) if j["lease_owner"] == b_sup]
-        return held if done >= jobs // 5 and held else None
+        return held if done >= jobs // 10 and held else None
 
-    held = wait_for(b_holds_jobs, 60, interval=0.01, message="node1 mid-run holding jobs")
+    held = wait_for(b_holds_jobs, 120, interval=0.01, message="node1 mid-run holding jobs")
     b.kill9()
     killed_at = time.monotonic()
     lease_s = (int(b.env["JOB_TIMEOUT_MS"]) + 10_000) / 1000  # supervisor.LEASE_GRACE_MS
     wait_for(lambda: all(store.get(i)["status"] == "completed" for i in held), lease_s + 5, interval=0.05,
              message="the killed node's jobs finished by the other node")
     took = time.monotonic() - killed_at
-    wait_for(lambda: store.stats()["byStatus"]["completed"] == jobs, 120, interval=0.2,
+    submitter.join(120)
+    assert submitter.error is None and len(submitter.ids) == jobs
+    wait_for(lambda: store.stats()["byStatus"]["completed"] == jobs, 180, interval=0.2,
              message=f"all {jobs} jobs completed")
-    _check_all_done(store, ids, [a, b], tmp_path / "shared-data")
+    _check_all_done(store, submitter.ids, [a, b], tmp_path / "shared-data")
     store.close()
     return held, took
 
