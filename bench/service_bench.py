@@ -3,6 +3,10 @@
     .venv/bin/python bench/service_bench.py [--rounds 2]               # vs the Node original
     .venv/bin/python bench/service_bench.py --vs-pipeline [--rounds 2] # vs the bare pipeline
 
+--nodes 2: two nodes (1 worker each) sharing one PostgreSQL database (a
+private server started for the run) and one data directory, clients
+alternating between them, against one node with 2 workers on SQLite.
+
 Default: `imgworker serve` against the Node original it replaces (Express +
 sharp, /work/shared/peers/seednode, copied to a temp folder and installed with
 `npm ci`; skipped with a message when npm is unavailable), both with 2
@@ -72,23 +76,25 @@ def one_image(port: int, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(svc: Service, files: list[Path], concurrency: int) -> tuple[float, list[float]]:
+def run(svc: "Service | list[Service]", files: list[Path], concurrency: int) -> tuple[float, list[float]]:
+    """Clients upload ``files``; with several services, client i uses service i mod n."""
+    svcs = svc if isinstance(svc, list) else [svc]
     todo = list(files)
     lock = threading.Lock()
     latencies: list[float] = []
 
-    def client() -> None:
+    def client(port: int) -> None:
         while True:
             with lock:
                 if not todo:
                     return
                 path = todo.pop()
-            took = one_image(svc.port, path)
+            took = one_image(port, path)
             with lock:
                 latencies.append(took * 1000)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(svcs[i % len(svcs)].port,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -110,6 +116,37 @@ def vs_pipeline(rounds: int) -> None:
         print("  peak RSS: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
     finally:
         svc.stop()
+
+
+def two_nodes(rounds: int) -> None:
+    """Two nodes (1 worker each) on one PostgreSQL database and one shared
+    data directory, against one node with 2 workers on SQLite, same run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import pg
+
+    files = photos() * rounds
+    print(f"{len(files)} photos per run (mate-backgrounds x{rounds}), 2 workers in all, 2 cores")
+    settings = dict(MAX_QUEUE_SIZE=1000, RATE_LIMIT_MAX_REQUESTS=10**6, JOB_TIMEOUT_MS=120000)
+    server = pg.PgServer(pg.find_bindir(), options="-c listen_addresses='' -c shared_buffers=128MB").start()
+    shared = tempfile.mkdtemp(prefix="imgworker-bench-shared-")
+    try:
+        url = server.create_database()
+        layouts = [("1 node, SQLite, 2 workers", lambda: [Service(MAX_CONCURRENT_JOBS=2, **settings)]),
+                   ("2 nodes, PostgreSQL, 1 worker each", lambda: [
+                       Service(MAX_CONCURRENT_JOBS=1, DATABASE_URL=url, DATA_DIR=shared, **settings)
+                       for _ in range(2)])]
+        for name, start in layouts:
+            svcs = start()
+            try:
+                for concurrency in (4, 16):
+                    rate, lat = run(svcs, files, concurrency)
+                    print(f"  {name}, concurrency {concurrency:2d}: {rate:5.2f} images/s; latency {summary(lat)}")
+            finally:
+                for svc in svcs:
+                    svc.stop()
+    finally:
+        server.stop()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # --- against the Node original -----------------------------------------------------------------
@@ -254,8 +291,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="loadgen --repeat (photos per run = 31 x this)")
     ap.add_argument("--vs-pipeline", action="store_true", help="the older comparison with the bare pipeline")
+    ap.add_argument("--nodes", type=int, choices=(2,), help="2 nodes on PostgreSQL vs 1 node on SQLite")
     args = ap.parse_args()
-    if args.vs_pipeline:
+    if args.nodes:
+        two_nodes(args.rounds)
+    elif args.vs_pipeline:
         vs_pipeline(args.rounds)
     else:
         vs_node(args.rounds, args.repeat)
