@@ -122,11 +122,12 @@ def _top_level(fh: BinaryIO) -> dict[bytes, bytes]:
     """The payloads of the top-level ftyp, meta and moov boxes; others skipped by seeking."""
     found: dict[bytes, bytes] = {}
     pos, count = 0, 0
+    length = fh.seek(0, 2)
     while True:
+        if pos + 8 > length:
+            return found
         fh.seek(pos)
         head = fh.read(16)
-        if len(head) < 8:
-            return found
         count += 1
         if count > 10_000:
             raise HeaderError("INVALID_IMAGE", "The HEIF file has an implausible number of top-level boxes")
@@ -137,9 +138,8 @@ def _top_level(fh: BinaryIO) -> dict[bytes, bytes]:
                 raise _truncated()
             size, hlen = struct.unpack(">Q", head[8:16])[0], 16
         elif size == 0:
-            fh.seek(0, 2)
-            size = fh.tell() - pos
-        if size < hlen:
+            size = length - pos
+        if size < hlen or pos + size > length:  # a box running past the end: the file was cut
             raise _truncated()
         if kind in (b"ftyp", b"meta", b"moov") and kind not in found:
             if size - hlen > MAX_BOX_BYTES:
@@ -272,6 +272,8 @@ def _grid_size(meta: dict, item_id: int, fh: BinaryIO) -> tuple[int, int, int] |
     if method == 1:
         data = meta["idat"][offset:offset + min(length or 12, 12)]
     elif method == 0:
+        if offset + 8 > fh.seek(0, 2):
+            raise _truncated()
         fh.seek(offset)
         data = fh.read(min(length or 12, 12))
     else:

@@ -442,3 +442,12 @@ def _status(http):
         return http.get("/api/health").status
     except OSError:
         return None
+
+
+@pytest.mark.parametrize("tail", [struct.pack(">I4sQ", 1, b"free", 2**63 + 5), struct.pack(">I4s", 0xFFFFFFF0, b"mdat")],
+                         ids=["64-bit size past any file", "box longer than the file"])
+def test_box_sizes_past_the_end_are_invalid_not_io_errors(tmp_path, tail):
+    # found by fuzzing: a seek to 2**63 was reported as a (retried, 500) IO_ERROR
+    with pytest.raises(ImageError) as err:
+        imaging.probe(_write(tmp_path, encode(quadrants(), "AVIF") + tail), ALL)
+    assert err.value.code == "INVALID_IMAGE"
