@@ -225,6 +225,55 @@ def test_heic_refused_when_not_listed(tmp_path):
     assert err.value.code == "UNSUPPORTED_FORMAT"
 
 
+def swapped_icc():
+    """An RGB matrix/TRC ICC profile whose red and green colorants are sRGB's
+    green and red: a pixel stored as pure red displays as green."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0"  # gamma 2.2
+    desc = b"desc\0\0\0\0" + struct.pack(">I", 5) + b"swap\0" + bytes(78)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.3851, 0.7169, 0.0971)),
+            (b"gXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body + bytes(-len(body) % 4)
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+@pytest.mark.parametrize("fmt", ["AVIF"] + (["HEIF"] if formats.HAS_HEIF else []))
+def test_icc_profile_applied_and_metadata_dropped_for_avif_and_heic(tmp_path, fmt):
+    data = encode(Image.new("RGB", (64, 64), (255, 0, 0)), fmt, quality=95, icc_profile=swapped_icc(),
+                  exif=exif(1), xmp=b"<x:xmpmeta>SecretXMP</x:xmpmeta>")
+    for out_fmt in ("webp", "avif", "jpeg"):
+        result, out = run(tmp_path, data, format=out_fmt)
+        r, g, b = out.convert("RGB").getpixel((32, 32))
+        assert g > 200 and r < 60, (out_fmt, (r, g, b))  # stored red, displayed green: converted to sRGB
+        raw = (tmp_path / result["processedFile"]["filename"]).read_bytes()
+        assert b"SecretXMP" not in raw and b"SecretCam" not in raw and "icc_profile" not in out.info
+
+
+def test_cli_writes_avif_locally(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "in.jpg").write_bytes(image_bytes("JPEG", (2000, 1000)))
+    proc = subprocess.run([sys.executable, "-m", "imgworker", "process", "--local", "--format", "avif", "--out",
+                           str(tmp_path / "out"), str(tmp_path / "in.jpg")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path / "d")})
+    assert proc.returncode == 0, proc.stderr
+    out = Image.open(tmp_path / "out" / "in.avif")
+    assert out.format == "AVIF" and out.size == (1024, 512)
+
+
 # --- format=auto --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("accept, alpha, animated, want", [
