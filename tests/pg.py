@@ -64,6 +64,9 @@ class PgServer:
         self.root = Path(tempfile.mkdtemp(prefix="imgw-pg-", dir="/tmp"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
+        # who owns this server: a later run sweeps it if this process dies
+        # without its teardown (killed test run), see sweep_orphans
+        (self.root / "owner").write_text(str(os.getpid()))
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -120,6 +123,38 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def sweep_orphans() -> None:
+    """Stop and remove servers this helper started for test runs that died
+    without their teardown (their ``owner`` process is gone). Directories
+    without an owner file are not ours to judge and are left alone."""
+    import signal
+
+    for root in glob.glob("/tmp/imgw-pg-*"):
+        try:
+            owner = int(Path(root, "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        try:
+            postmaster = int(Path(root, "data", "postmaster.pid").read_text().split()[0])
+            if _alive(postmaster):
+                os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown; it is thrown away
+        except (OSError, ValueError, IndexError):
+            pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def start_server() -> tuple[PgServer | None, str]:
     """Start a server, or (None, why not) when PostgreSQL or psycopg is absent."""
     try:
@@ -131,6 +166,7 @@ def start_server() -> tuple[PgServer | None, str]:
         return None, "PostgreSQL server binaries not found (apt-get install postgresql)"
     if os.geteuid() == 0 and _run_as() is None:
         return None, "running as root and no unprivileged user to run PostgreSQL as"
+    sweep_orphans()
     server = PgServer(bindir)
     try:
         return server.start(), ""

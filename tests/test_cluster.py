@@ -186,15 +186,12 @@ def _kill_mid_run(cluster, pg_url, tmp_path, jobs):
     return held, took
 
 
-def test_two_nodes_one_killed_quick(cluster, pg_url, tmp_path):
-    held, took = _kill_mid_run(cluster, pg_url, tmp_path, 60)
-    assert held and took < 20
-
-
-@pytest.mark.slow
 def test_two_nodes_300_jobs_one_killed(cluster, pg_url, tmp_path):
+    """300 jobs through two nodes; one node's whole tree is kill -9'd mid-run:
+    300/300 completed exactly once with their outputs, and the jobs the dead
+    node held are finished by the other within the lease + 5 s."""
     held, took = _kill_mid_run(cluster, pg_url, tmp_path, 300)
-    assert held and took < 20
+    assert held and took < (5000 + 10_000) / 1000 + 5
 
 
 def test_database_restart_mid_run(cluster, pg_url, pg_server, tmp_path):
