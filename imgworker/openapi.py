@@ -45,7 +45,8 @@ UPLOAD_ERRORS = {
     "415": _error("UNSUPPORTED_FORMAT: detected from the bytes"),
     "422": _error("INVALID_IMAGE or IMAGE_TOO_LARGE"),
     "429": _error("RATE_LIMITED, with Retry-After and RateLimit-* headers (a batch of N files counts N)"),
-    "503": _error("QUEUE_FULL or TOO_MANY_CONNECTIONS, with Retry-After"),
+    "503": _error("QUEUE_FULL, TOO_MANY_CONNECTIONS or STORAGE_UNAVAILABLE (the upload cannot be written), "
+                  "with Retry-After"),
     "507": _error("INSUFFICIENT_STORAGE: less than MIN_FREE_DISK_MB free; with Retry-After"),
 }
 JOB_PARAM = [{"name": "jobId", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
@@ -94,7 +95,8 @@ def document(cfg: config_mod.Config) -> dict[str, Any]:
             "/api/stats": {"get": {"summary": "Queue and pool statistics", "responses": {"200": _ok("Statistics")}}},
             "/api/health": {"get": {"summary": "Health check", "responses": {
                 "200": _ok("Database answers and a supervisor reported recently"),
-                "503": _ok("Database unreachable or no supervisor")}}},
+                "503": _ok("Database unreachable, no supervisor, or a data directory cannot be written "
+                           "(status degraded; reason and storage say which and why)")}}},
             "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": _ok("OpenAPI 3")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
