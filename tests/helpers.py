@@ -15,6 +15,15 @@ def image_bytes(fmt="JPEG", size=(64, 48), mode="RGB", color=(200, 30, 30), **sa
     return buf.getvalue()
 
 
+def noisy_jpeg(size=(3000, 2000)):
+    """A photo-like JPEG (noise) that keeps a worker busy for about a quarter second."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def multipart(fields=None, files=()):
     """Encode a multipart/form-data body: files are (field, filename, bytes[, content type])."""
     import uuid

@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from helpers import free_port, image_bytes
+from helpers import free_port, image_bytes, noisy_jpeg
 from conftest import wait_for
 from imgworker.client import ServerApiClient
 
@@ -145,15 +145,6 @@ def test_cli_local_and_dead_server(tmp_path):
     assert r.returncode == 0 and "Processing a.png on client (requested)... done" in r.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-1.webp", "a.webp"]
     assert run_cli(tmp_path, str(tmp_path / "missing.jpg"), "--local").returncode == 1
-
-
-def noisy_jpeg(size=(3000, 2000)):
-    """A photo-like JPEG that takes a worker about a quarter of a second."""
-    import io
-
-    buf = io.BytesIO()
-    Image.effect_noise(size, 60).convert("RGB").save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def start_cli(tmp_path, *args):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import hostile
-from helpers import Http, free_port, image_bytes
+from helpers import Http, free_port, image_bytes, noisy_jpeg
 from conftest import ROOT, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -93,13 +93,6 @@ def files(tmp_path, specs):
 def shot(page, name):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
-
-
-def noisy_jpeg(size=(3000, 2000)):
-    """A photo-like JPEG that keeps a worker busy for about a quarter second."""
-    buf = io.BytesIO()
-    Image.effect_noise(size, 60).convert("RGB").save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def test_pick_remove_upload_progress_compare_download_all(site, tmp_path, corpus):

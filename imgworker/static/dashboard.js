@@ -145,7 +145,7 @@ function drawFailures(d) {
       button.title = r && r.status !== 202 ? body.error || "" : "";
     });
     return el("tr", {}, [el("td", { text: clock(f.failedAt) }), el("td", { text: f.filename }),
-      el("td", { class: "code", text: f.code || "" }), el("td", { class: "err", text: f.error || "" }), el("td", {}, [button])]);
+      el("td", { class: "code", text: f.code || "", title: f.error || "" }), el("td", { class: "err", text: f.error || "" }), el("td", {}, [button])]);
   }, "No failures", 5);
 }
 
