@@ -32,7 +32,7 @@ from . import imaging, log
 from . import server as server_mod
 from .backends import open_queue
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
-from .http import JOB_ID, UPLOAD_PATHS, body_limit, client_key, client_of, creates_work, json_error, secure
+from .http import JOB_ID, UPLOAD_PATHS, id_forms, body_limit, client_key, client_of, creates_work, json_error, secure
 from .metrics import Metrics, pool_summary
 from .ratelimit import RateLimiter, SharedRateLimiter
 from .server import Refusal, RequestHead, free_bytes
@@ -245,7 +245,7 @@ class Api:
                batch_id: str | None) -> tuple[NewJob, UploadedFile]:
         """A job for a checked upload, named by a new job id; the file stays
         in tmp/ until :meth:`_enqueue` moves it in the row's transaction."""
-        job_id = uuid.uuid4().hex
+        job_id = str(uuid.uuid4())
         options = self._resolve_auto(options, info)
         with open(upload.path, "rb") as fh:
             os.fsync(fh.fileno())  # the job row promises the bytes are on disk
@@ -342,7 +342,7 @@ class Api:
                 raise ServiceError("No files uploaded: send the images in the multipart field 'images'", "NO_FILE", 400)
             priority, options = self._options(form.fields)
             granted = self._take(len(form.files))  # each file is a job: a batch of N counts N
-            batch_id = uuid.uuid4().hex
+            batch_id = str(uuid.uuid4())
             first_error: ServiceError | None = None
             indexes = []
             for index, upload in enumerate(form.files):
@@ -406,10 +406,13 @@ class Api:
             "jobId": job["id"], "status": job["status"], "priority": job["priority"],
             "attempts": job["attempts"], "maxAttempts": job["max_attempts"], "filename": job["original_name"],
             "createdAt": _iso(job["created_at"]), "startedAt": _iso(job["started_at"]),
-            "completedAt": _iso(job["completed_at"]),
+            # a cancelled job never completed: when it was cancelled is cancelledAt
+            "completedAt": _iso(job["completed_at"]) if job["status"] != "cancelled" else None,
         }
         if job["batch_id"]:
             view["batchId"] = job["batch_id"]
+        if job["status"] == "cancelled":
+            view["cancelledAt"] = _iso(job["completed_at"])
         if job["status"] == "queued":
             view["queuePosition"] = self.queue.queue_position(job)
         if job["status"] == "retrying":
@@ -426,7 +429,7 @@ class Api:
         return view
 
     def _find(self, job_id: str) -> dict[str, Any]:
-        job = self.queue.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        job = next(filter(None, map(self.queue.get, id_forms(job_id))), None) if JOB_ID.fullmatch(job_id) else None
         if job is None:
             raise NotFound(f"Job {job_id[:64]} not found")
         return job
@@ -435,26 +438,33 @@ class Api:
         return self._json(200, self._job_view(self._find(job_id)))
 
     def cancel_job(self, job_id: str) -> bottle.HTTPResponse:
-        self._find(job_id)
-        self.queue.cancel(job_id)
-        LOG.info("Job cancelled", extra={"job": job_id})
-        return self._json(200, {"success": True, "jobId": job_id, "status": "cancelled"})
+        job = self._find(job_id)
+        self.queue.cancel(job["id"])
+        self.storage.discard_upload(job["input_path"])  # a cancelled job is never retried
+        LOG.info("Job cancelled", extra={"job": job["id"]})
+        return self._json(200, {"success": True, "jobId": job["id"], "status": "cancelled"})
 
     def retry_job(self, job_id: str) -> bottle.HTTPResponse:
         self._take(1)
-        self._find(job_id)
+        job_id = self._find(job_id)["id"]
         self.queue.retry(job_id, self.cfg.max_queue_size)
         self.queue.notify()
         LOG.info("Job sent back to the queue by request", extra={"job": job_id})
         return self._json(202, {"success": True, "jobId": job_id, "status": "queued"})
 
+    def _batch(self, batch_id: str) -> list[dict[str, Any]]:
+        """The batch's jobs, found by either id form (see id_forms)."""
+        if not JOB_ID.fullmatch(batch_id):
+            return []
+        return next(filter(None, map(self.queue.batch, id_forms(batch_id))), [])
+
     def get_batch(self, batch_id: str) -> bottle.HTTPResponse:
-        jobs = self.queue.batch(batch_id) if JOB_ID.fullmatch(batch_id) else []
+        jobs = self._batch(batch_id)
         if not jobs:
             raise NotFound(f"Batch {batch_id[:64]} not found")
         count = lambda *s: sum(j["status"] in s for j in jobs)  # noqa: E731
         return self._json(200, {
-            "batchId": batch_id, "total": len(jobs), "queued": count("queued", "retrying"),
+            "batchId": jobs[0]["batch_id"], "total": len(jobs), "queued": count("queued", "retrying"),
             "processing": count("processing"), "completed": count("completed"), "failed": count("failed"),
             "cancelled": count("cancelled"), "done": count("completed", "failed", "cancelled") == len(jobs),
             "jobs": [self._job_view(j) for j in jobs],
@@ -464,7 +474,7 @@ class Api:
         """A zip of the batch's completed outputs, streamed (see bundle.py)."""
         from .bundle import entry_names, stream_zip
 
-        jobs = self.queue.batch(batch_id) if JOB_ID.fullmatch(batch_id) else []
+        jobs = self._batch(batch_id)
         if not jobs:
             raise NotFound(f"Batch {batch_id[:64]} not found")
         pairs = []

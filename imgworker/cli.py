@@ -272,13 +272,16 @@ def cmd_job(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _action(fn_name: str, done: str):
     def command(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         from .errors import ServiceError
+        from .storage import Storage
 
         q = _queue(cfg)
         try:
             if fn_name == "retry":
                 q.retry(args.id, cfg.max_queue_size)
             else:
+                job = q.get(args.id)
                 q.cancel(args.id)
+                Storage(cfg.data_dir).discard_upload(job["input_path"] if job else None)
         except ServiceError as exc:
             print(f"imgworker: {exc.message}", file=sys.stderr)
             return EXIT_FAIL

@@ -16,8 +16,17 @@ from typing import Any, Callable, Iterable
 
 from . import config as config_mod
 from .metrics import Metrics
+from .storage import JOB_ID_PATTERN
 
-JOB_ID = re.compile(r"[0-9a-f]{32}")
+JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def id_forms(raw: str) -> list[str]:
+    """A job or batch id as given, then in its other form (UUID <-> 32 hex
+    digits), so ids of either kind are found whichever form a client uses."""
+    if len(raw) == 32:
+        return [raw, f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"]
+    return [raw, raw.replace("-", "")]
 MULTIPART_SLACK = 64 * 1024  # boundaries, part headers and option fields
 
 CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import config as config_mod
+from .storage import JOB_ID_PATTERN
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -49,7 +50,7 @@ UPLOAD_ERRORS = {
                   "with Retry-After"),
     "507": _error("INSUFFICIENT_STORAGE: less than MIN_FREE_DISK_MB free; with Retry-After"),
 }
-JOB_PARAM = [{"name": "jobId", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
+JOB_PARAM = [{"name": "jobId", "in": "path", "required": True, "schema": {"type": "string", "pattern": f"^({JOB_ID_PATTERN})$"}}]
 
 
 def document(cfg: config_mod.Config) -> dict[str, Any]:

@@ -301,18 +301,19 @@ class PgJobQueue:
     @staticmethod
     def _settle(c: Any, job_id: str, attempts: int, max_attempts: int, code: str, message: str,
                 transient: bool, policy: RetryPolicy, now: int) -> tuple[str, int | None]:
-        if transient and attempts < max_attempts:
+        limit = policy.max_attempts or max_attempts
+        if transient and attempts < limit:
             run_at = now + backoff_ms(attempts, policy.base_ms, policy.max_ms)
             c.execute(
-                "UPDATE jobs SET status = 'retrying', run_at = %s, error_code = %s, error = %s,"
+                "UPDATE jobs SET status = 'retrying', run_at = %s, error_code = %s, error = %s, max_attempts = %s,"
                 " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
-                (run_at, code, message, job_id),
+                (run_at, code, message, limit, job_id),
             )
             return "retrying", run_at
         c.execute(
-            "UPDATE jobs SET status = 'failed', completed_at = %s, error_code = %s, error = %s,"
+            "UPDATE jobs SET status = 'failed', completed_at = %s, error_code = %s, error = %s, max_attempts = %s,"
             " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
-            (now, code, message, job_id),
+            (now, code, message, limit, job_id),
         )
         return "failed", None
 

@@ -67,6 +67,10 @@ class NewJob:
 class RetryPolicy:
     base_ms: int = 1000
     max_ms: int = 60000
+    # The supervisor's attempt limit (MAX_RETRIES + 1), applied when a failure
+    # is settled, so a reload reaches jobs queued before it; None: the limit
+    # written on the row when it was queued.
+    max_attempts: int | None = None
 
 
 def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -289,18 +293,19 @@ class JobQueue:
 
     def _settle(self, c: sqlite3.Connection, job_id: str, attempts: int, max_attempts: int, code: str,
                 message: str, transient: bool, policy: RetryPolicy, now: int) -> tuple[str, int | None]:
-        if transient and attempts < max_attempts:
+        limit = policy.max_attempts or max_attempts
+        if transient and attempts < limit:
             run_at = now + backoff_ms(attempts, policy.base_ms, policy.max_ms)
             c.execute(
-                "UPDATE jobs SET status = 'retrying', run_at = ?, error_code = ?, error = ?,"
+                "UPDATE jobs SET status = 'retrying', run_at = ?, error_code = ?, error = ?, max_attempts = ?,"
                 " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-                (run_at, code, message, job_id),
+                (run_at, code, message, limit, job_id),
             )
             return "retrying", run_at
         c.execute(
-            "UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error = ?,"
+            "UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error = ?, max_attempts = ?,"
             " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-            (now, code, message, job_id),
+            (now, code, message, limit, job_id),
         )
         return "failed", None
 

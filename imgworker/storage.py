@@ -32,9 +32,12 @@ from typing import Any
 from . import log
 
 LOG = log.get("cleanup")
-OUTPUT_NAME = re.compile(r"^processed_([0-9a-f]{32})\.(webp|jpg|png|gif|avif)$")
+# A job id: a standard UUID (what the original service used and what we
+# issue), or the 32 hex digits of earlier versions (still found on disk).
+JOB_ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
+OUTPUT_NAME = re.compile(rf"^processed_({JOB_ID_PATTERN})\.(webp|jpg|png|gif|avif)$")
 # group 1 job id, 2 pid, 3 node tag (absent in names written before nodes existed)
-UPLOAD_NAME = re.compile(r"^([0-9a-f]{32})-(\d+)(?:\.([0-9a-f]{8}))?\.(jpg|png|webp|gif|avif|heic)$")
+UPLOAD_NAME = re.compile(rf"^({JOB_ID_PATTERN})-(\d+)(?:\.([0-9a-f]{{8}}))?\.(jpg|png|webp|gif|avif|heic)$")
 TMP_UPLOAD = re.compile(r"^upload-(\d+)(?:\.([0-9a-f]{8}))?-")
 NODE_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
@@ -123,6 +126,13 @@ class Storage:
         except OSError:
             return None
         return path if stat.S_ISREG(st.st_mode) else None
+
+    def discard_upload(self, path: str | Path | None) -> None:
+        """Remove a job's upload once it can no longer be needed (the job
+        completed or was cancelled: only a failed job can be retried). Only
+        files directly in uploads/ are touched."""
+        if path and Path(path).parent == self.uploads:
+            _unlink(path)
 
     def cleanup(self, queue: Any, retention_ms: int, now_ms: int | None = None) -> dict[str, int]:
         """Remove finished jobs older than the retention with their files,

@@ -145,7 +145,7 @@ class Supervisor:
     def _apply(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
         self.limits = Limits.from_config(cfg)
-        self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms)
+        self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms, cfg.max_attempts)
         self.lease_ms = cfg.job_timeout_ms + LEASE_GRACE_MS
         log.setup(cfg.log_level, cfg.log_format)
 
@@ -426,7 +426,7 @@ class Supervisor:
             "name": job["original_name"], "options": job["options"], "limits": self.limits.__dict__,
             "testHooks": self.cfg.env == "test",
         }
-        LOG.info("Job started processing (attempt %d/%d, worker %d)", job["attempts"], job["max_attempts"],
+        LOG.info("Job started processing (attempt %d/%d, worker %d)", job["attempts"], self.cfg.max_attempts,
                  w.pid, extra={"job": job["id"]})
         try:
             send(w.sock, msg)
@@ -468,6 +468,7 @@ class Supervisor:
             if done:
                 self.counters.observe(elapsed, result)
                 LOG.info("Job completed in %dms", elapsed, extra={"job": job["id"]})
+                self.storage.discard_upload(job["input_path"])  # a completed job is never retried
             if following is not None:
                 self.start_job(w, following)
         else:

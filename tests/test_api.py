@@ -35,7 +35,7 @@ def test_single_upload_shape_and_job_view(api_server):
     assert r.status == 202, r.body
     body = r.json
     assert set(body) == {"success", "jobId", "estimatedTime", "queuePosition", "message", "statusUrl"}
-    assert body["success"] is True and re.fullmatch(r"[0-9a-f]{32}", body["jobId"])
+    assert body["success"] is True and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", body["jobId"])
     assert body["statusUrl"] == f"/api/job/{body['jobId']}" and body["estimatedTime"] > 0
     job = http.get(body["statusUrl"]).json
     assert job["status"] == "queued" and job["priority"] == 5 and job["queuePosition"] == 1

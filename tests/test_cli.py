@@ -32,9 +32,10 @@ def test_jobs_job_cancel_retry_stats(tmp_path, add_jobs):
     q = JobQueue(tmp_path / "data" / "imgworker.db")
     from imgworker.queue import NewJob
 
-    upload = tmp_path / "data" / "uploads" / "u.jpg"
+    upload, other = tmp_path / "data" / "uploads" / "u.jpg", tmp_path / "data" / "uploads" / "v.jpg"
     upload.write_bytes(image_bytes())
-    q.enqueue([NewJob("a" * 32, str(upload), "cat.jpg", 10), NewJob("b" * 32, str(upload), "dog.jpg", 10)], 10, 1)
+    other.write_bytes(image_bytes())
+    q.enqueue([NewJob("a" * 32, str(upload), "cat.jpg", 10), NewJob("b" * 32, str(other), "dog.jpg", 10)], 10, 1)
     job = q.claim("sup", 1000)
     q.fail(job["id"], "sup", "INVALID_IMAGE", "broken", False, RetryPolicy())
     listing = cli(tmp_path, "jobs")
@@ -47,7 +48,8 @@ def test_jobs_job_cancel_retry_stats(tmp_path, add_jobs):
     assert cli(tmp_path, "job", "f" * 32).returncode == 1
     assert cli(tmp_path, "cancel", "a" * 32).returncode == 1  # failed, not cancellable
     assert cli(tmp_path, "cancel", "b" * 32).returncode == 0
-    assert q.get("b" * 32)["status"] == "cancelled"
+    assert q.get("b" * 32)["status"] == "cancelled" and not other.exists()  # bug 9: a cancelled job's upload goes
+    assert upload.exists()  # a failed job keeps its upload: it can be retried
     assert cli(tmp_path, "retry", "a" * 32).returncode == 0
     assert q.get("a" * 32)["status"] == "queued"
     stats = json.loads(cli(tmp_path, "stats", "--json").stdout)

@@ -110,7 +110,7 @@ def _completions(nodes):
     """job id -> how many times a node logged completing it."""
     seen = Counter()
     for node in nodes:
-        seen.update(re.findall(r"job=([0-9a-f]{32}) Job completed", node.log()))
+        seen.update(re.findall(r"job=([0-9a-f-]{36}) Job completed", node.log()))
     return seen
 
 

@@ -225,3 +225,14 @@ def test_dashboard_reads(queue, add_jobs):
     (failure,) = queue.recent_failures(10)
     assert failure == {"jobId": job["id"], "filename": job["original_name"], "code": "INVALID_IMAGE", "error": "bad",
                        "failedAt": t0 + 60_100, "attempts": 1}
+
+
+def test_attempt_limit_is_read_when_a_failure_is_settled(queue, add_jobs):
+    """Bug 2: the supervisor's MAX_RETRIES (in the policy) decides at settle
+    time, not the limit frozen on the row at enqueue."""
+    a, b = add_jobs(2, max_attempts=4)
+    job = queue.claim("s", 1000)
+    assert queue.fail(job["id"], "s", "TIMEOUT", "slow", True, RetryPolicy(max_attempts=1))[0] == "failed"
+    assert queue.get(a)["max_attempts"] == 1
+    job = queue.claim("s", 1000)
+    assert queue.fail(job["id"], "s", "TIMEOUT", "slow", True, RetryPolicy())[0] == "retrying"  # the row's 4

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import hostile
-from helpers import Http, free_port, image_bytes
+from helpers import Http, free_port, image_bytes, noisy_jpeg
 from conftest import wait_for
 
 
@@ -157,7 +157,7 @@ def test_log_level_is_honoured(served):
     poll(http2, job_id)
     wait_for(lambda: f"job={job_id} Job completed in" in svc2.log(), 5)
     line = next(l for l in svc2.log().splitlines() if "Job completed" in l)
-    assert re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z INFO +supervisor job=[0-9a-f]{32} Job completed in \d+ms$", line)
+    assert re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z INFO +supervisor job=[0-9a-f-]{36} Job completed in \d+ms$", line)
 
 
 def test_serve_restarts_a_dead_half(served):
@@ -277,3 +277,48 @@ def test_batch_download_is_a_zip_of_the_outputs(served):
         assert archive.read(name) == http.get(job["result"]["processedFile"]["url"]).body
     assert http.get("/api/batch/" + "0" * 32 + "/download").status == 404
     assert http.get("/api/batch/..%2f..%2fetc/download").status == 404
+
+
+
+def test_reloaded_max_retries_applies_to_jobs_already_queued(served, tmp_path):
+    """Bug 2: a job queued before `kill -HUP` (the API wrote 4 attempts on its
+    row) is settled with the reloaded MAX_RETRIES, in every process."""
+    (tmp_path / ".env").write_text("MEMORY_PAUSE_PERCENT=0\nMEMORY_RESUME_PERCENT=0\n")  # paused: the job waits
+    svc, http = served()
+    job_id = http.upload(files=[("image", "slow.jpg", noisy_jpeg())]).json["jobId"]
+    assert http.get(f"/api/job/{job_id}").json["maxAttempts"] == 4
+    (tmp_path / ".env").write_text("MAX_RETRIES=0\nJOB_TIMEOUT_MS=50\n")  # and the pause ends
+    svc.proc.send_signal(signal.SIGHUP)
+    job = poll(http, job_id)
+    assert job["status"] == "failed" and job["errorCode"] == "TIMEOUT"
+    assert job["attempts"] == 1 and job["maxAttempts"] == 1
+    log = svc.log()
+    assert "Job started processing (attempt 1/1" in log and log.count("MAX_RETRIES 3 -> 0") == 2
+
+
+def test_uploads_go_when_no_longer_needed_and_ids_are_uuids(served):
+    """Bug 9: a completed or cancelled job's upload is deleted at once (only a
+    failed job can be retried, so only its upload is kept). Bug 12: job ids
+    are standard UUIDs, found in either form; a cancelled job has no
+    completedAt (cancelledAt instead)."""
+    import uuid
+
+    svc, http = served(MAX_CONCURRENT_JOBS=1)
+    done = http.upload(files=[("image", "a.png", image_bytes("PNG", (64, 64)))]).json["jobId"]
+    assert str(uuid.UUID(done)) == done
+    assert poll(http, done)["status"] == "completed"
+    png = image_bytes("PNG", (64, 64))
+    broken = poll(http, http.upload(files=[("image", "b.png", hostile.png_corrupt_deflate())]).json["jobId"])
+    assert broken["status"] == "failed"
+    wait_for(lambda: len(list(svc.storage.uploads.iterdir())) == 1, 5, message="the completed job's upload removed")
+    assert http.get(f"/api/job/{done.replace('-', '')}").json["jobId"] == done  # the 32-digit form finds it
+    # cancelled: a job waiting behind a slow one (one worker)
+    slow = http.upload(files=[("image", "slow.jpg", noisy_jpeg())]).json["jobId"]
+    waiting = http.upload(files=[("image", "c.png", png)]).json["jobId"]
+    r = http.request("DELETE", f"/api/job/{waiting}")
+    assert r.status == 200, r.json
+    view = http.get(f"/api/job/{waiting}").json
+    assert view["status"] == "cancelled" and view["completedAt"] is None and view["cancelledAt"]
+    poll(http, slow)
+    wait_for(lambda: len(list(svc.storage.uploads.iterdir())) == 1, 5, message="only the failed job's upload left")
+    assert svc.queue.get(broken["jobId"])["input_path"] == str(next(svc.storage.uploads.iterdir()))
