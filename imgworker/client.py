@@ -497,20 +497,22 @@ class _Console:
     records included, so nothing is glued to it)."""
 
     def __init__(self, total: int, bar: bool):
-        self.total, self.done, self.last = total, 0, ""
+        self.total, self.done, self.last, self.drawn = total, 0, "", False
         self.bar = bar and sys.stderr.isatty()
 
     def _clear(self) -> None:
-        if self.bar and self.last:
+        if self.drawn:
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
+            self.drawn = False
 
     def _draw(self) -> None:
-        if self.bar and self.done < self.total:
+        if self.bar and self.last and self.done < self.total:
             width = 24
             filled = int(width * self.done / max(1, self.total))
             sys.stderr.write(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.last}"[:200])
             sys.stderr.flush()
+            self.drawn = True
 
     def stage(self, name: str, stage: str) -> None:
         self._clear()

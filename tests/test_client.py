@@ -260,3 +260,34 @@ def test_cli_local_quality_range_matches_the_server(tmp_path):
     write(tmp_path, "a.png", image_bytes("PNG", (30, 30)))
     r = run_cli(tmp_path, str(tmp_path / "in"), "--local", "--quality", "0")
     assert r.returncode == 2 and "from 1 to 100" in r.stderr
+
+
+def test_cli_progress_bar_never_glues_to_other_lines(tmp_path):
+    """Bug 11: on a terminal the bar is cleared before any other line (file
+    lines, notices, the summary), so nothing is printed after a bar on its line."""
+    import pty
+
+    for name in ("a.png", "b.png"):
+        write(tmp_path, name, image_bytes("PNG", (300, 200)))
+    write(tmp_path, "notes.txt", b"not an image")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "imgworker", "process", str(tmp_path / "in"), "--out",
+                             str(tmp_path / "out"), "--server", f"127.0.0.1:{free_port()}", "--wait", "0"],
+                            cwd=tmp_path, stdout=follower, stderr=follower, env={**os.environ, "DATA_DIR": str(tmp_path / "d")})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode()
+    assert "[" in text and "] 0/2 " in text  # the bar was drawn
+    for line in text.replace("\r\n", "\n").split("\n"):
+        visible = line.rsplit("\x1b[2K", 1)[-1]  # what remains on screen after the last clear
+        assert not re.search(r"\] \d+/\d+ .*(Processing|Skipping|Server|processed)", visible), repr(line)
+    assert "2 processed on this machine, 0 failed, 1 skipped" in text
