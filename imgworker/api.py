@@ -666,15 +666,13 @@ def _register_node(api: Api, stop: threading.Event) -> str | None:
     register = getattr(api.queue, "register_api", None)
     if register is None:
         return None
-    import socket
-
-    node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    node_id = f"{api.cfg.node_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     started = int(time.time() * 1000)
 
     def beat() -> None:
         while True:
             try:
-                register(node_id, socket.gethostname(), os.getpid(), started)
+                register(node_id, api.cfg.node_name, os.getpid(), started)
             except Exception as exc:  # the database is away: the store reconnects; try again
                 LOG.warning("Node heartbeat failed: %s", exc)
             if stop.wait(NODE_HEARTBEAT_S):

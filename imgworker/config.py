@@ -165,6 +165,8 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("APP_ENV", _choice(ENVIRONMENTS + ("",)), "", "environment name: development, production or test"),
     ("HOST", _text, "127.0.0.1", "address the API listens on"),
     ("DATA_DIR", _text, "./data", "uploads, processed images, temp files and the database"),
+    ("NODE_NAME", _text, "", "name this node registers under (default: the host name); nodes judge each other "
+     "by pid only under the same name, otherwise by heartbeat and lease"),
     ("TMP_DIR", _text, "", "uploads being received (default: $DATA_DIR/tmp); with a shared DATA_DIR, "
      "a directory on the node's local disk"),
     ("DATABASE_PATH", _text, "", "SQLite file (default: $DATA_DIR/imgworker.db)"),
@@ -230,6 +232,12 @@ class Config:
     def database_path(self) -> Path:
         raw = self.values["DATABASE_PATH"]
         return Path(raw).resolve() if raw else self.data_dir / "imgworker.db"
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.values["NODE_NAME"] or socket.gethostname()
 
     @property
     def tmp_dir(self) -> Path:

@@ -120,7 +120,7 @@ class Supervisor:
         self.cfg = cfg
         self.queue = open_queue(cfg, durable=False, role="imgworker-supervisor")
         self.storage = Storage.for_config(cfg)
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.id = f"{cfg.node_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.started_ms = int(time.time() * 1000)
         self.started_mono = time.monotonic()
         self.workers: dict[int, Worker] = {}     # slot -> worker
@@ -579,7 +579,7 @@ class Supervisor:
         still turns (only when the database write worked: a supervisor that
         cannot reach its database is better restarted)."""
         try:
-            self.queue.heartbeat(self.id, socket.gethostname(), os.getpid(), self.started_ms, self.state())
+            self.queue.heartbeat(self.id, self.cfg.node_name, os.getpid(), self.started_ms, self.state())
         except Exception:
             LOG.exception("Heartbeat failed")
             return
@@ -595,7 +595,7 @@ class Supervisor:
         of the previous run."""
         try:
             others = [s for s in self.queue.supervisors() if s["id"] != self.id]
-            dead = [s["id"] for s in others if _is_dead(s)]
+            dead = [s["id"] for s in others if _is_dead(s, self.cfg.node_name)]
             for job_id, status in self.queue.recover(dead, self.policy):
                 LOG.warning("Recovered from a stopped worker or supervisor: now %s", status, extra={"job": job_id})
             self.queue.remove_supervisors(dead)
@@ -647,10 +647,12 @@ def worker_memory_cap_mb(max_rss_mb: int) -> int:
     return max(256, 2 * max_rss_mb)
 
 
-def _is_dead(sup: dict[str, Any]) -> bool:
-    """A supervisor row whose process is gone: same host and the pid is not
-    alive (or is another process now), or silent for DEAD_AFTER_MS."""
-    if sup["hostname"] == socket.gethostname():
+def _is_dead(sup: dict[str, Any], node_name: str) -> bool:
+    """A supervisor row whose process is gone: same node (NODE_NAME, the host
+    name by default) and the pid is not alive (or is another process now),
+    or silent for DEAD_AFTER_MS. A pid means nothing on another host: there,
+    its jobs come back when their lease expires (queue.recover)."""
+    if sup["hostname"] == node_name:
         try:
             proc = psutil.Process(sup["pid"])
             return abs(proc.create_time() * 1000 - sup["started_at"]) > 5000 or proc.status() == psutil.STATUS_ZOMBIE

@@ -156,8 +156,8 @@ class Submitter(threading.Thread):
             self.error = exc
 
 
-def _kill_mid_run(cluster, pg_url, tmp_path, jobs):
-    a, b = cluster(2)
+def _kill_mid_run(nodes, pg_url, tmp_path, jobs):
+    a, b = nodes
     store = _store(pg_url)
     submitter = Submitter([a, b], jobs, image_bytes("JPEG", (1600, 1200), quality=90))
     submitter.start()
@@ -190,8 +190,19 @@ def test_two_nodes_300_jobs_one_killed(cluster, pg_url, tmp_path):
     """300 jobs through two nodes; one node's whole tree is kill -9'd mid-run:
     300/300 completed exactly once with their outputs, and the jobs the dead
     node held are finished by the other within the lease + 5 s."""
-    held, took = _kill_mid_run(cluster, pg_url, tmp_path, 300)
+    held, took = _kill_mid_run(cluster(2), pg_url, tmp_path, 300)
     assert held and took < (5000 + 10_000) / 1000 + 5
+
+
+def test_a_node_on_another_host_is_recovered_by_lease_expiry(cluster, pg_url, tmp_path):
+    """The second node registers under another name (as on another host):
+    its pid cannot be checked, so its jobs come back by lease expiry alone,
+    after the lease (JOB_TIMEOUT_MS + 10 s) and within the lease + 5 s."""
+    (a,) = cluster(1)
+    (b,) = cluster(1, NODE_NAME="another-host")
+    held, took = _kill_mid_run([a, b], pg_url, tmp_path, 40)
+    lease_s = (5000 + 10_000) / 1000
+    assert held and lease_s - 3 < took < lease_s + 5
 
 
 def test_database_restart_mid_run(cluster, pg_url, pg_server, tmp_path):

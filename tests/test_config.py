@@ -44,6 +44,7 @@ EVERY_KEY = {
     "DATA_DIR": ("/srv/img", "/srv/img"), "DATABASE_PATH": ("/srv/q.db", "/srv/q.db"),
     "DATABASE_URL": ("postgresql://img:pw@db.internal:5432/imgworker", "postgresql://img:pw@db.internal:5432/imgworker"),
     "TMP_DIR": ("/var/tmp/imgworker", "/var/tmp/imgworker"),
+    "NODE_NAME": ("node-7", "node-7"),
     "MAX_RETRIES": ("5", 5),
     "RETRY_BASE_DELAY_MS": ("500", 500), "RETRY_MAX_DELAY_MS": ("9000", 9000), "JOB_RETENTION_MS": ("3600000", 3600000),
     "MAX_INPUT_PIXELS": ("1000000", 1000000), "MAX_FRAMES": ("10", 10), "MAX_ANIMATION_PIXELS": ("5000000", 5000000),
