@@ -76,3 +76,35 @@ def test_systemd_analyze_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def test_cluster_drop_in_opens_the_database_and_the_mount():
+    """systemd/cluster/cluster.conf (README, "Scaling out"): the worker unit is
+    AF_UNIX-only without it; with it both units reach the database over IP,
+    wait for the shared mount and keep received uploads on local disk."""
+    d = directives(UNITS / "cluster" / "cluster.conf")
+    families = d["RestrictAddressFamilies"][-1].split()
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
+    assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"]
+    env = dict(v.split("=", 1) for v in d["Environment"])
+    assert env["DATA_DIR"] in d["RequiresMountsFor"][-1] and env["DATA_DIR"] in d["ReadWritePaths"][-1]
+    assert env["TMP_DIR"].startswith("/var/lib/imgworker/")  # the units' StateDirectory: local disk
+    worker = directives(UNITS / "imgworker-worker.service")
+    assert worker["RestrictAddressFamilies"][-1] == "AF_UNIX"  # why the drop-in is needed
+
+
+def test_systemd_analyze_verify_with_cluster_drop_in(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: .ci/deps installs it")
+    script = Path(sys.executable).with_name("imgworker")
+    for unit in UNITS.glob("imgworker*.*"):
+        if unit.suffix in (".service", ".target"):
+            (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/imgworker/venv/bin/imgworker", str(script)))
+            if unit.suffix == ".service":
+                drop = tmp_path / f"{unit.name}.d"
+                drop.mkdir()
+                (drop / "cluster.conf").write_text((UNITS / "cluster" / "cluster.conf").read_text())
+    units = sorted(str(p) for p in tmp_path.iterdir() if p.is_file())
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
