@@ -21,8 +21,8 @@ behaviour we need to change, and only through their documented hooks
   than BODY_MIN_BYTES_PER_S (408), and close connections idle that long.
 * :class:`Server` counts connections per client address and answers a
   client over MAX_CONNECTIONS_PER_CLIENT with 503 at once; at MAX_CONNECTIONS
-  it closes the connection that has made no request progress the longest
-  (a slow or idle one: never one being answered) to admit the new one,
+  it closes the least useful connection (idle, then slow headers, then the
+  slowest body: never one being answered) to admit the new one,
   instead of ceasing to accept, so a fresh client is always served.
 * :class:`JsonErrorTask` writes every error Waitress produces itself (bad
   request line, bad or duplicate Content-Length, 431, 413, 501, 500) as the
@@ -212,11 +212,17 @@ class Channel(HTTPChannel):
         sent; an idle keep-alive connection is not busy."""
         return bool(self.request or self.requests or self.total_outbufs_len)
 
-    def progress_since(self) -> float:
-        """When this connection last made request progress: the start of
-        the request being received, or the end of the last one."""
+    def eviction_rank(self, now: float) -> tuple[int, float]:
+        """Lowest is closed first at MAX_CONNECTIONS: idle connections (the
+        longest idle first), then requests still sending headers (the oldest
+        first), then bodies by their average rate (the slowest first), so a
+        long upload arriving at a good rate outlives a trickle started later."""
         request = self.request
-        return request.started if isinstance(request, Parser) else self.idle_since
+        if not isinstance(request, Parser):
+            return 0, self.idle_since
+        if request.headers_at is None:
+            return 1, request.started
+        return 2, request.body_bytes_received / max(now - request.headers_at, 0.001)
 
     def check_deadlines(self, now: float, header_s: float, min_rate: float) -> None:
         """Cut off a client too slow with its headers or body (408), close a
@@ -308,8 +314,9 @@ class Server(TcpWSGIServer):
         conn.close()
 
     def _least_active(self) -> Channel | None:
+        now = time.monotonic()
         idle = [ch for ch in list(self.active_channels.values()) if isinstance(ch, Channel) and not ch.requests]
-        return min(idle, key=Channel.progress_since, default=None)
+        return min(idle, key=lambda ch: ch.eviction_rank(now), default=None)
 
     def forget(self, channel: Channel) -> None:
         """A connection closed: its client may open another."""

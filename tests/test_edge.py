@@ -329,3 +329,20 @@ def test_connection_limit_fits_the_descriptor_limit(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=20)[0].decode()
     assert "MAX_CONNECTIONS=1000 needs 2256 file descriptors; the limit is 300, so 22 connections are kept" in out
+
+
+def test_eviction_spares_an_upload_arriving_at_a_good_rate(api_server):
+    http, api = api_server(MAX_CONNECTIONS=16, MAX_CONNECTIONS_PER_CLIENT=100)
+    body, ctype = multipart(files=[("image", "a.png", image_bytes("PNG", (300, 300), color=None) + b"\0" * 400_000)])
+    with socket.create_connection(("127.0.0.1", http.port), timeout=5) as upload:
+        upload.sendall(post_head("/api/process/single", len(body), ctype) + body[:200_000])
+        time.sleep(0.3)  # the upload is now the oldest connection, its body half sent
+        held = [socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.5", 0))
+                for _ in range(24)]  # each past the 16th evicts one
+        try:
+            upload.sendall(body[200_000:])
+            status, _, reply = reply_of(upload)
+        finally:
+            for s in held:
+                s.close()
+    assert status == 202, reply  # answered, not cut off
