@@ -169,8 +169,7 @@ class Api:
         Called by the server's I/O thread: only in-memory and statvfs work."""
         if not creates_work(head.method, head.path):
             return None
-        key = client_key(head.peer, head.headers.get("X_FORWARDED_FOR"), self.cfg.trust_proxy)
-        blocked = self.ratelimit.blocked(key)
+        blocked = self.ratelimit.blocked(self._client(head))
         if blocked is not None:
             return Refusal(429, "Too Many Requests", "RATE_LIMITED", RATE_LIMITED_TEXT,
                            {"Retry-After": blocked["RateLimit-Reset"], **blocked})
@@ -189,6 +188,14 @@ class Api:
                 return Refusal(507, "Insufficient Storage", "INSUFFICIENT_STORAGE",
                                "The server is low on disk space; try again later", {"Retry-After": "60"})
         return None
+
+    def charge(self, head: RequestHead) -> None:
+        """An upload refused for its size costs its client one request."""
+        if creates_work(head.method, head.path):
+            self.ratelimit.take(self._client(head), 1)
+
+    def _client(self, head: RequestHead) -> str:
+        return client_key(head.peer, head.headers.get("X_FORWARDED_FOR"), self.cfg.trust_proxy)
 
     # -- uploads ----------------------------------------------------------------------
     def _take(self, wanted: int) -> int:
@@ -624,7 +631,7 @@ def make_server(cfg: config_mod.Config, api: Api | None = None, port: int | None
     """The hardened Waitress server for the API (see imgworker.server),
     listening on HOST:PORT (``port`` overrides); ``server.api`` is the app."""
     api = api or Api(cfg)
-    server = server_mod.build(api.wsgi, cfg, api.admit, api.metrics, port)
+    server = server_mod.build(api.wsgi, cfg, api, api.metrics, port)
     server.api = api
     return server
 

@@ -43,7 +43,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
@@ -90,15 +90,25 @@ class RequestHead:
     content_length: int | None  # None when chunked
 
 
-Admit = Callable[[RequestHead], "Refusal | None"]
+class Gate(Protocol):
+    """The API's decisions on request heads, taken in the server's I/O
+    thread (so: in memory and cheap)."""
+
+    def admit(self, head: RequestHead) -> Refusal | None:
+        """A refusal for this request before its body is read, or None."""
+
+    def charge(self, head: RequestHead) -> None:
+        """Count a request refused for its size against its client's rate
+        limit (oversized uploads are attempts too: without this a client
+        could make the server spool a route's limit per connection forever)."""
 
 
 @dataclass
 class Edge:
-    """The server's policy: settings, the API's admission check, metrics."""
+    """The server's policy: settings, the API's gate, metrics."""
 
     cfg: config_mod.Config
-    admit: Admit
+    gate: Gate
     metrics: Metrics
     max_connections: int = 0  # effective (may be lowered to fit the descriptor limit)
 
@@ -153,6 +163,7 @@ class Parser(HTTPRequestParser):
         self.started = time.monotonic()  # created on the request's first byte
         self.headers_at: float | None = None
         self.limit = 0
+        self.head: RequestHead | None = None
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)  # a ParsingError here becomes a JSON 400
@@ -160,18 +171,22 @@ class Parser(HTTPRequestParser):
         edge = self.channel.server.edge
         path = self.path or ""
         self.limit = body_limit(self.command, path, edge.cfg)
-        has_body = self.chunked or self.content_length > 0
-        if has_body and self.limit == 0:
+        self.head = RequestHead(self.command, path, self.headers, self.channel.addr[0],
+                                None if self.chunked else self.content_length)
+        if (self.chunked or self.content_length > 0) and self.limit == 0:
             self._refuse(Refusal(413, "Content Too Large", "BODY_NOT_ALLOWED",
                                  f"{self.command} {path[:100]} takes no request body"))
+            return
+        refusal = edge.gate.admit(self.head)  # first: a client over its limit gets 429, whatever it sends
+        if refusal is not None:
+            self._refuse(refusal)
         elif self.content_length > self.limit:
-            self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
-        else:
-            head = RequestHead(self.command, path, self.headers, self.channel.addr[0],
-                               None if self.chunked else self.content_length)
-            refusal = edge.admit(head)
-            if refusal is not None:
-                self._refuse(refusal)
+            self._too_large()
+
+    def _too_large(self) -> None:
+        self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
+        if self.head is not None:
+            self.channel.server.edge.gate.charge(self.head)
 
     def _refuse(self, error: Error) -> None:
         # completed with an error: the channel queues an error task, stops
@@ -188,7 +203,7 @@ class Parser(HTTPRequestParser):
         if self.body_rcv is not None and self.error is None and self.body_bytes_received > self.limit:
             # chunked bodies have no Content-Length to refuse up front: the
             # limit holds on what has arrived, within one read of it
-            self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
+            self._too_large()
         return consumed
 
 
@@ -382,9 +397,9 @@ def _fit_descriptors(wanted: int) -> int:
     return wanted
 
 
-def build(app: Callable, cfg: config_mod.Config, admit: Admit, metrics: Metrics, port: int | None = None) -> Server:
+def build(app: Callable, cfg: config_mod.Config, gate: Gate, metrics: Metrics, port: int | None = None) -> Server:
     """The server for ``app`` on HOST:PORT (``port`` overrides), listening."""
-    edge = Edge(cfg, admit, metrics)
+    edge = Edge(cfg, gate, metrics)
     edge.max_connections = _fit_descriptors(cfg.max_connections)
     largest = max(body_limit("POST", p, cfg) for p in ("/api/process/single", "/api/process/batch"))
     return Server(

@@ -584,3 +584,58 @@ def decoder_attacks(service: Callable, full: bool) -> dict[str, Any]:
     svc.stop()
     return {"checked": checked, "api_rss_mb": {"before": round(rss_before, 1), "peak": round(peak, 1)},
             "stripped": stripped, "healthy_after": healthy_after, "jobs": jobs}
+
+
+# --- chunked floods -----------------------------------------------------------------------------
+def chunked_flood(service: Callable, seconds: float, connections: int) -> dict[str, Any]:
+    """``connections`` clients push endless chunked bodies at GET /api/health
+    and POST /api/process/single for ``seconds``, reconnecting whenever
+    answered: what the API process wrote to disk meanwhile (/proc wchar:
+    Waitress spools bodies over 512 KB to temp files), what the clients
+    pushed (into socket buffers, mostly), and the answers ("none": the
+    connection was reset before the answer could be read)."""
+    svc, http = serve(service, MAX_FILE_SIZE_MB=1, LOG_LEVEL="warning")
+    svc.start()
+    wait_for(lambda: healthy(http), 30, 0.05)
+    api = next(p for p in psutil.Process(svc.proc.pid).children(recursive=True)
+               if "api" in " ".join(p.cmdline()))
+    heads = [b"GET /api/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"POST /api/process/single HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n"]
+    chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+    lock = threading.Lock()
+    totals = {"pushed": 0, "answers": {}}
+    deadline = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        while time.monotonic() < deadline:
+            pushed, status = 0, "none"
+            try:
+                with socket.create_connection(("127.0.0.1", int(http.port)), timeout=5) as s:
+                    s.sendall(heads[i % 2])
+                    while time.monotonic() < deadline and not select.select([s], [], [], 0)[0]:
+                        s.sendall(chunk)
+                        pushed += len(chunk)
+                    got = s.recv(64)
+                    status = got[9:12].decode("latin-1") if got.startswith(b"HTTP/") else "none"
+            except OSError:
+                pass
+            with lock:
+                totals["pushed"] += pushed
+                totals["answers"][status] = totals["answers"].get(status, 0) + 1
+
+    before = api.io_counters().write_chars
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = api.io_counters().write_chars - before
+    healthy_after = healthy(http)
+    tmp_left = [p.name for p in svc.storage.tmp.iterdir()]
+    rss = api.memory_info().rss
+    svc.stop()
+    return {"seconds": seconds, "connections": connections, "pushed_mb": round(totals["pushed"] / 2**20, 1),
+            "api_written_mb": round(written / 2**20, 1),
+            "written_mb_per_connection": round(written / 2**20 / max(1, sum(totals["answers"].values())), 2), "answers": totals["answers"], "healthy_after": healthy_after,
+            "tmp_left": tmp_left, "api_rss_mb": round(rss / 2**20, 1)}

@@ -346,3 +346,14 @@ def test_eviction_spares_an_upload_arriving_at_a_good_rate(api_server):
             for s in held:
                 s.close()
     assert status == 202, reply  # answered, not cut off
+
+
+def test_oversized_uploads_count_against_the_rate_limit(api_server):
+    # otherwise a client could make the server spool a route's limit per connection, forever
+    http, api = api_server(RATE_LIMIT_MAX_REQUESTS=2, MAX_FILE_SIZE_MB=0.1)
+    chunk = b"4000\r\n" + b"x" * 0x4000 + b"\r\n"
+    assert exchange(http.port, post_head("/api/process/single", 10**6))[0] == 413  # by Content-Length
+    sent, status, doc = send_until_answered(http.port, post_head("/api/process/single", None), chunk, 10 * 2**20)
+    assert status == 413  # chunked, at the limit
+    status, _, body = exchange(http.port, post_head("/api/process/single", None))
+    assert status == 429 and json.loads(body)["code"] == "RATE_LIMITED"  # now refused on the headers

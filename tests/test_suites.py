@@ -231,3 +231,22 @@ def test_decoders_quick(service):
 @pytest.mark.slow
 def test_decoders_full(service):
     check_decoders(report("decoders-full", suites.decoder_attacks(service, full=True)))
+
+
+def check_chunked_flood(r):
+    # refused on the headers (health), at the 1 MB limit (upload), and once the client has spent its
+    # rate limit (100) on oversized uploads, on the headers too: the API spools at most about the limit
+    # per counted upload, never the 20-file batch limit per connection, and nothing for health
+    assert set(r["answers"]) <= {"413", "429", "none"} and r["answers"].get("413"), r["answers"]
+    assert r["api_written_mb"] < 1.2 * 100 + 5, r
+    assert r["healthy_after"] and r["tmp_left"] == []
+
+
+def test_chunked_flood_quick(service):
+    check_chunked_flood(report("chunked-flood-quick", suites.chunked_flood(service, seconds=1.0, connections=2)))
+
+
+@pytest.mark.slow
+def test_chunked_flood_full(service):
+    # issue 15's figure: 4 connections, 4.5 s, 1.5 GB spooled to deleted temp files
+    check_chunked_flood(report("chunked-flood-full", suites.chunked_flood(service, seconds=4.5, connections=4)))
