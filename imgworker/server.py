@@ -21,8 +21,9 @@ behaviour we need to change, and only through their documented hooks
   than BODY_MIN_BYTES_PER_S (408), and close connections idle that long.
 * :class:`Server` counts connections per client address and answers a
   client over MAX_CONNECTIONS_PER_CLIENT with 503 at once; at MAX_CONNECTIONS
-  it closes the least useful connection (idle, then slow headers, then the
-  slowest body: never one being answered) to admit the new one,
+  it closes the connection whose request progress is oldest (a body earns
+  credit for what it has sent; one being answered is never closed) to admit
+  the new one,
   instead of ceasing to accept, so a fresh client is always served.
 * :class:`JsonErrorTask` writes every error Waitress produces itself (bad
   request line, bad or duplicate Content-Length, 431, 413, 501, 500) as the
@@ -60,6 +61,7 @@ from .metrics import Metrics
 LOG = log.get("api")
 FD_HEADROOM = 256  # database, log, upload temp files, worker threads
 ACCEPT_BATCH = 128  # connections accepted per loop round at most
+GOOD_RATE_FACTOR = 8  # a body at 8 x BODY_MIN_BYTES_PER_S is "keeping up" for eviction
 # Waitress' own error classes by status -> the contract's code
 WAITRESS_CODES = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "FILE_TOO_LARGE",
                   431: "HEADERS_TOO_LARGE", 500: "INTERNAL_ERROR", 501: "NOT_IMPLEMENTED"}
@@ -227,17 +229,20 @@ class Channel(HTTPChannel):
         sent; an idle keep-alive connection is not busy."""
         return bool(self.request or self.requests or self.total_outbufs_len)
 
-    def eviction_rank(self, now: float) -> tuple[int, float]:
-        """Lowest is closed first at MAX_CONNECTIONS: idle connections (the
-        longest idle first), then requests still sending headers (the oldest
-        first), then bodies by their average rate (the slowest first), so a
-        long upload arriving at a good rate outlives a trickle started later."""
+    def progress(self, good_rate: float) -> float:
+        """When this connection last made request progress, on the monotonic
+        clock: the end of its last request (idle), the start of the one whose
+        headers are arriving, or, for a body, the end of its headers plus one
+        second per ``good_rate`` bytes received, so a long upload arriving at a
+        good rate stays "recent" while a trickle ages. At MAX_CONNECTIONS the
+        connection with the oldest progress is closed; a just-opened one is
+        the most recent of all, so a new client is never the one closed."""
         request = self.request
         if not isinstance(request, Parser):
-            return 0, self.idle_since
+            return self.idle_since
         if request.headers_at is None:
-            return 1, request.started
-        return 2, request.body_bytes_received / max(now - request.headers_at, 0.001)
+            return request.started
+        return request.headers_at + request.body_bytes_received / good_rate
 
     def check_deadlines(self, now: float, header_s: float, min_rate: float) -> None:
         """Cut off a client too slow with its headers or body (408), close a
@@ -329,9 +334,9 @@ class Server(TcpWSGIServer):
         conn.close()
 
     def _least_active(self) -> Channel | None:
-        now = time.monotonic()
+        good_rate = GOOD_RATE_FACTOR * self.edge.cfg.body_min_bytes_per_s
         idle = [ch for ch in list(self.active_channels.values()) if isinstance(ch, Channel) and not ch.requests]
-        return min(idle, key=lambda ch: ch.eviction_rank(now), default=None)
+        return min(idle, key=lambda ch: ch.progress(good_rate), default=None)
 
     def forget(self, channel: Channel) -> None:
         """A connection closed: its client may open another."""

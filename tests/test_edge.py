@@ -357,3 +357,23 @@ def test_oversized_uploads_count_against_the_rate_limit(api_server):
     assert status == 413  # chunked, at the limit
     status, _, body = exchange(http.port, post_head("/api/process/single", None))
     assert status == 429 and json.loads(body)["code"] == "RATE_LIMITED"  # now refused on the headers
+
+
+def test_eviction_never_picks_the_newest_connection(api_server):
+    http, _ = api_server(MAX_CONNECTIONS=16, MAX_CONNECTIONS_PER_CLIENT=100)
+    slow = []
+    try:
+        for _ in range(16):
+            s = socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.6", 0))
+            s.sendall(b"GET /api/health HTTP/1.1\r\n")  # headers started, never finished
+            slow.append(s)
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", http.port), timeout=5) as fresh:
+            time.sleep(0.1)  # accepted, nothing sent yet: the server sees it idle
+            slow.append(socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.6", 0)))
+            time.sleep(0.2)  # that one's arrival closed an old slow connection, not the fresh one
+            fresh.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert reply_of(fresh)[0] in (200, 503)
+    finally:
+        for s in slow:
+            s.close()
