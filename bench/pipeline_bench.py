@@ -236,12 +236,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the figure is the mean")
     ap.add_argument("--formats", default="webp,jpeg")
     ap.add_argument("--detail", action="store_true", help="per-image CPU and SSIM")
+    ap.add_argument("--variants", default=None, metavar="D:R,...",
+                    help="only imgworker, with JPEG draft gap D and reducing gap R per variant (default 2:2), e.g. 2:2,1:2,1:1")
     args = ap.parse_args()
     try:
         import numpy  # noqa: F401
     except ImportError:
         sys.exit("pipeline_bench needs numpy for SSIM: .venv/bin/pip install numpy")
     files = photos() + generated()
+    if args.variants:
+        return variants(files, args)
     work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     folder = work / "in"
     folder.mkdir()
@@ -305,6 +309,35 @@ def main() -> None:
     print("\npeak RSS of a fresh interpreter on a 5640x3172 JPEG: "
           + ", ".join(f"{fmt} {peak_rss_mb(big, fmt):.0f} MiB" for fmt in args.formats.split(",")))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def variants(files: list[Path], args: argparse.Namespace) -> None:
+    """The speed/quality trade-off of shrinking earlier: imgworker's pipeline with
+    other JPEG draft and reduce() gaps (see imaging._DRAFT_GAP), interleaved."""
+    from imgworker import imaging
+
+    chosen = [tuple(float(x) for x in v.split(":")) for v in args.variants.split(",")]
+    out_dir = Path(tempfile.mkdtemp(prefix="pipeline-variants-"))
+    print(f"{len(files)} images, imgworker only, {args.rounds} interleaved rounds; draft gap : reducing gap")
+    for fmt in args.formats.split(","):
+        cpu_s = {v: 0.0 for v in chosen}
+        ssim_s: dict[tuple, list[float]] = {v: [] for v in chosen}
+        n = 0
+        for rnd in range(args.rounds):
+            for f in files:
+                for v in chosen if rnd % 2 == 0 else chosen[::-1]:
+                    imaging._DRAFT_GAP, imaging._REDUCING_GAP = v
+                    n += 1
+                    t0 = cpu()
+                    out = run_imgworker(f, out_dir, fmt, n)
+                    cpu_s[v] += cpu() - t0
+                    if rnd == 0:
+                        ssim_s[v].append(score(f, out))
+        for v in chosen:
+            per = cpu_s[v] / len(files) / args.rounds
+            print(f"  [{fmt}] {v[0]:g}:{v[1]:g}  {per:.3f} s/image  SSIM mean {statistics.fmean(ssim_s[v]):.4f} "
+                  f"min {min(ssim_s[v]):.4f}")
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

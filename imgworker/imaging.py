@@ -307,7 +307,7 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
         if oriented_box != im.size and probe_.format == "jpeg":
             # libjpeg's DCT scaling (1/2..1/8): the smallest scale that still
             # covers _DRAFT_GAP x the fitted size (see _DRAFT_GAP).
-            im.draft(None, (oriented_box[0] * _DRAFT_GAP, oriented_box[1] * _DRAFT_GAP))
+            im.draft(None, (round(oriented_box[0] * _DRAFT_GAP), round(oriented_box[1] * _DRAFT_GAP)))
         im.load()
         return [_prepare_frame(im, oriented_box, probe_.orientation)], [], 0
     frames, durations = [], []
