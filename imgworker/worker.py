@@ -26,7 +26,6 @@ from typing import Any
 
 _HEADER = struct.Struct(">I")
 MAX_MESSAGE = 16 * 2**20
-WORKER_NICE = 10  # scheduler weight ~1/9 of a nice-0 process: throughput unchanged when nothing else runs
 
 
 def send(sock: socket.socket, obj: Any) -> None:
@@ -123,12 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent(parent)
     _cap_memory(int(argv[2]) if len(argv) > 2 else 0)
-    # Workers soak up every idle cycle; the API and the supervisor must still
-    # answer at once (health p99, polls, heartbeats) when they saturate the cores.
-    try:
-        os.nice(WORKER_NICE)
-    except OSError:
-        pass
     sock = socket.socket(fileno=fd)
     import PIL.Image  # noqa: F401  (warm the import before the first job)
 
