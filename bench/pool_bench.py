@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import peak_rss_mb, photos, summary  # noqa: E402
 from imgworker import wakeup  # noqa: E402
-from imgworker.queue import JobQueue, NewJob  # noqa: E402
+from imgworker.store import NewJob  # noqa: E402
+from imgworker.store.sqlite import SqliteStore  # noqa: E402
 
 
 def plain_process(todo, out_dir: str, result) -> None:
@@ -36,7 +37,7 @@ def plain_process(todo, out_dir: str, result) -> None:
 
     n = 0
     while (f := todo.get()) is not None:  # a shared work queue, like the pool's
-        process(f, out_dir, f"{os.getpid()}x{n}", {}, Limits(), Path(f).name)
+        process(f, out_dir, f"{os.getpid()}x{n}", {}, Limits())
         n += 1
     result.put(n)
 
@@ -66,7 +67,7 @@ def start_worker(data: Path) -> subprocess.Popen:
     env = {**os.environ, "DATA_DIR": str(data), "MAX_CONCURRENT_JOBS": "2", "LOG_LEVEL": "warning",
            "JOB_TIMEOUT_MS": "120000", "MAX_QUEUE_SIZE": "100000"}
     proc = subprocess.Popen([sys.executable, "-m", "imgworker", "worker"], env=env)
-    q = JobQueue(data / "imgworker.db")
+    q = SqliteStore(data / "imgworker.db")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -80,7 +81,7 @@ def start_worker(data: Path) -> subprocess.Popen:
 
 
 def pool(files: list[Path], data: Path) -> tuple[float, Path]:
-    q = JobQueue(data / "imgworker.db")
+    q = SqliteStore(data / "imgworker.db")
     ids = []
     t0 = time.perf_counter()
     for f in files:
@@ -94,13 +95,13 @@ def pool(files: list[Path], data: Path) -> tuple[float, Path]:
             break
         time.sleep(0.01)
     elapsed = time.perf_counter() - t0
-    failed = [j for j in ids if q.get(j)["status"] != "completed"]
-    assert not failed, [q.get(j)["error"] for j in failed]
+    failed = [j for j in ids if q.get(j).status != "completed"]
+    assert not failed, [q.get(j).error for j in failed]
     return len(files) / elapsed, data
 
 
 def idle_latency(data: Path, tiny: Path, n: int = 40) -> list[float]:
-    q = JobQueue(data / "imgworker.db")
+    q = SqliteStore(data / "imgworker.db")
     lags = []
     for _ in range(n):
         time.sleep(0.05)  # let the supervisor go idle in select()
@@ -109,7 +110,7 @@ def idle_latency(data: Path, tiny: Path, n: int = 40) -> list[float]:
         wakeup.notify(q.path)
         while (job := q.get(job_id))["status"] != "completed":
             time.sleep(0.002)
-        lags.append(job["started_at"] - job["created_at"])
+        lags.append(job.started_at - job.created_at)
     return lags
 
 

@@ -32,16 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import summary  # noqa: E402
-from imgworker.queue import JobQueue, NewJob  # noqa: E402
+from imgworker.model import Outcome  # noqa: E402
+from imgworker.store import NewJob  # noqa: E402
+from imgworker.store.sqlite import SqliteStore  # noqa: E402
+
+NOOP = Outcome(0, "jpeg", 1, 1, 1, "webp", 1, 1, 1)  # what a no-op job reports
 
 
 def open_store(spec: str, durable: bool):
     """A store from a path (SQLite) or a postgresql:// URL."""
     if spec.startswith("postgresql://"):
-        from imgworker.pgqueue import PgJobQueue
+        from imgworker.store.postgres import PgStore
 
-        return PgJobQueue(spec, durable=durable)
-    return JobQueue(spec, durable=durable)
+        return PgStore(spec, durable=durable)
+    return SqliteStore(spec, durable=durable)
 
 
 def imgworker_claimer(path: str, owner: str, start, out) -> None:
@@ -50,7 +54,7 @@ def imgworker_claimer(path: str, owner: str, start, out) -> None:
     n = 0
     job = q.claim(owner, 60_000)
     while job is not None:  # the supervisor's path: settle + next claim in one commit
-        _, job = q.complete_and_claim(job["id"], owner, {"processingTime": 0}, "", 60_000)
+        _, job = q.complete_and_claim(job.id, owner, NOOP, "", 60_000)
         n += 1
     out.put(n)
 
@@ -101,7 +105,7 @@ def fill(spec: str, jobs: int, prefix: str) -> None:
     q.migrate()
     for i in range(0, jobs, 1000):
         q.enqueue([NewJob(f"{prefix}{k}", "/in", "x.jpg", 1) for k in range(i, min(jobs, i + 1000))], 10**9, 1)
-    if isinstance(q, JobQueue):
+    if isinstance(q, SqliteStore):
         q.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # start each run from a folded-in database
     q.close()
 
@@ -133,8 +137,8 @@ def latency_claimer(spec: str, ready, stop, out) -> None:
     lags = []
     while not stop.is_set():
         while (job := q.claim("lat", 60_000)) is not None:
-            lags.append(time.time() * 1000 - job["created_at"])
-            q.complete(job["id"], "lat", {}, "")
+            lags.append(time.time() * 1000 - job.created_at)
+            q.complete(job.id, "lat", NOOP, "")
         sel.select(0.25)
         wake.drain()
     out.put(lags)

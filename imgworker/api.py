@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,15 +31,19 @@ import bottle
 from . import config as config_mod
 from . import imaging, log
 from . import server as server_mod
-from .backends import open_queue
+from .clock import iso, now_ms
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
+from .housekeeping import Housekeeper, retry_failed
 from .http import JOB_ID, UPLOAD_PATHS, id_forms, body_limit, client_key, client_of, creates_work, json_error, secure
+from .limits import Limits
 from .metrics import Metrics, pool_summary
+from .model import OPTION_RANGES, WAITING, ErrorCode, JobStatus
 from .ratelimit import RateLimiter, SharedRateLimiter
 from .server import Refusal, RequestHead, free_bytes
-from .queue import JobQueue, NewJob
 from .storage import Storage, fsync_dir
+from .store import Job, JobStore, NewJob, SupervisorRow, open_store
 from .uploads import Form, UploadedFile, read_form
+from .views import activity_view, failure_view, job_view, stats_view
 
 LOG = log.get("api")
 HEALTH_STALE_MS = 5000
@@ -49,23 +54,17 @@ DRAIN_S = 10  # on SIGTERM, in-flight requests get this long to finish
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
-
-
 class Api:
     """The application; ``self.wsgi`` is what Waitress serves."""
 
-    def __init__(self, cfg: config_mod.Config, queue: JobQueue | None = None):
+    def __init__(self, cfg: config_mod.Config, store: JobStore | None = None):
         self.cfg = cfg
-        self.queue = queue or open_queue(cfg, role="imgworker-api")
+        self.store = store or open_store(cfg, role="imgworker-api")
         self.storage = Storage.for_config(cfg)
         self.storage.ensure()
-        self.limits = imaging.Limits.from_config(cfg)
+        self.limits = Limits.from_config(cfg)
         # one VM: counted in memory; several nodes on PostgreSQL: counted in the database
-        self.ratelimit = (SharedRateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000, self.queue)
+        self.ratelimit = (SharedRateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000, self.store)
                           if cfg.database_url else
                           RateLimiter(cfg.rate_limit_max_requests, cfg.rate_limit_window_ms / 1000))
         self.metrics = Metrics()
@@ -90,7 +89,7 @@ class Api:
                 LOG.info("Refused %s %s: %s (%s)%s", bottle.request.method, bottle.request.path, exc.message, exc.code,
                          f"; {exc.detail}" if getattr(exc, "detail", None) else "")
                 headers = {}
-                if exc.code == "QUEUE_FULL":
+                if exc.code == ErrorCode.QUEUE_FULL:
                     headers["Retry-After"] = str(self._retry_after_s())
                 return self._error(exc.status, exc.message, exc.code, headers)
             except OSError as exc:
@@ -220,7 +219,7 @@ class Api:
 
         # a client may lower its jobs' priority freely but raise it only to
         # MAX_CLIENT_PRIORITY: no anonymous client jumps everyone else
-        priority = min(integer("priority", -1000, 1000) or 0, self.cfg.max_client_priority)
+        priority = min(integer("priority", *OPTION_RANGES["priority"]) or 0, self.cfg.max_client_priority)
         options: dict[str, Any] = {}
         fmt = fields.get("format", "").strip().lower()
         if fmt:
@@ -228,8 +227,8 @@ class Api:
             if fmt not in config_mod.OUTPUT_FORMATS:
                 raise InvalidParameter(f"'format' must be one of {', '.join(config_mod.OUTPUT_FORMATS)} (got {fmt[:30]!r})")
             options["format"] = fmt
-        for name, lo, hi in (("quality", 1, 100), ("maxWidth", 1, 65535), ("maxHeight", 1, 65535)):
-            value = integer(name, lo, hi)
+        for name in ("quality", "maxWidth", "maxHeight"):
+            value = integer(name, *OPTION_RANGES[name])
             if value is not None:
                 options[name] = value
         return priority, options
@@ -285,7 +284,7 @@ class Api:
             fsync_dir(self.storage.uploads)  # the renames survive a power cut, like the rows
 
         try:
-            positions = self.queue.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts,
+            positions = self.store.enqueue(jobs, self.cfg.max_queue_size, self.cfg.max_attempts,
                                            before_commit=move_uploads)
         except BaseException:
             for path in moved:  # the transaction rolled back: so do the files
@@ -294,7 +293,7 @@ class Api:
                 except FileNotFoundError:
                     pass
             raise
-        self.queue.notify()
+        self.store.notify()
         self.metrics.accepted(len(jobs), sum(j.input_size for j in jobs))
         return positions
 
@@ -307,7 +306,7 @@ class Api:
     def _average_ms(self) -> float:
         at, value = self._avg
         if time.monotonic() - at > 2:
-            value = self.queue.stats()["averageProcessingTime"] or 2000
+            value = self.store.stats().average_processing_ms or 2000
             self._avg = (time.monotonic(), value)
         return value
 
@@ -320,7 +319,7 @@ class Api:
         form = self._read(("image",), 1)
         try:
             if not form.files:
-                raise ServiceError("No file uploaded: send the image in the multipart field 'image'", "NO_FILE", 400)
+                raise ServiceError("No file uploaded: send the image in the multipart field 'image'", ErrorCode.NO_FILE)
             self._take(1)
             priority, options = self._options(form.fields)
             upload = form.files[0]
@@ -346,7 +345,7 @@ class Api:
         rejected: list[dict[str, Any]] = []
         try:
             if not form.files:
-                raise ServiceError("No files uploaded: send the images in the multipart field 'images'", "NO_FILE", 400)
+                raise ServiceError("No files uploaded: send the images in the multipart field 'images'", ErrorCode.NO_FILE)
             priority, options = self._options(form.fields)
             granted = self._take(len(form.files))  # each file is a job: a batch of N counts N
             batch_id = str(uuid.uuid4())
@@ -355,7 +354,7 @@ class Api:
             for index, upload in enumerate(form.files):
                 try:
                     if index >= granted:
-                        raise ServiceError(RATE_LIMITED_TEXT, "RATE_LIMITED", 429)
+                        raise ServiceError(RATE_LIMITED_TEXT, ErrorCode.RATE_LIMITED)
                     info = self._check(upload)
                 except ServiceError as exc:
                     upload.discard()
@@ -396,47 +395,24 @@ class Api:
         """A batch larger than the room left in the queue: keep what fits and
         list the rest under ``rejected`` with QUEUE_FULL (a retry of the whole
         batch could never succeed). No room at all: QueueFull (503) as usual."""
-        free = self.cfg.max_queue_size - self.queue.stats()["currentQueueSize"]
+        free = self.cfg.max_queue_size - self.store.stats().waiting
         if free <= 0:
             raise QueueFull(f"The queue is full ({self.cfg.max_queue_size} jobs waiting); try again later")
         for (job, upload), index in zip(staged[free:], indexes[free:]):
             upload.discard()
-            self.metrics.rejected("QUEUE_FULL")
-            rejected.append({"filename": upload.filename, "code": "QUEUE_FULL", "index": index,
+            self.metrics.rejected(ErrorCode.QUEUE_FULL)
+            rejected.append({"filename": upload.filename, "code": ErrorCode.QUEUE_FULL, "index": index,
                              "error": f"The queue had room for {free} of the {len(staged)} files; send this one again later"})
         rejected.sort(key=lambda r: r["index"])
         return staged[:free], indexes[:free]
 
     # -- jobs ---------------------------------------------------------------------------
-    def _job_view(self, job: dict[str, Any]) -> dict[str, Any]:
-        view: dict[str, Any] = {
-            "jobId": job["id"], "status": job["status"], "priority": job["priority"],
-            "attempts": job["attempts"], "maxAttempts": job["max_attempts"], "filename": job["original_name"],
-            "createdAt": _iso(job["created_at"]), "startedAt": _iso(job["started_at"]),
-            # a cancelled job never completed: when it was cancelled is cancelledAt
-            "completedAt": _iso(job["completed_at"]) if job["status"] != "cancelled" else None,
-        }
-        if job["batch_id"]:
-            view["batchId"] = job["batch_id"]
-        if job["status"] == "cancelled":
-            view["cancelledAt"] = _iso(job["completed_at"])
-        if job["status"] == "queued":
-            view["queuePosition"] = self.queue.queue_position(job)
-        if job["status"] == "retrying":
-            view["nextRetryAt"] = _iso(job["run_at"])
-            view["queuePosition"] = self.queue.queue_position(job)
-        if job["error"] and job["status"] in ("failed", "retrying"):
-            view["error"] = job["error"]
-            view["errorCode"] = job["error_code"]
-        if job["result"]:
-            view["result"] = job["result"]
-        options = job.get("options") or {}
-        if options.get("formatRequested") == "auto":
-            view["format"] = {"requested": "auto", "chosen": options.get("format"), "accept": options.get("accept", "")}
-        return view
+    def _job_view(self, job: Job) -> dict[str, Any]:
+        position = self.store.queue_position(job) if job.status in WAITING else None
+        return job_view(job, position)
 
-    def _find(self, job_id: str) -> dict[str, Any]:
-        job = next(filter(None, map(self.queue.get, id_forms(job_id))), None) if JOB_ID.fullmatch(job_id) else None
+    def _find(self, job_id: str) -> Job:
+        job = next(filter(None, map(self.store.get, id_forms(job_id))), None) if JOB_ID.fullmatch(job_id) else None
         if job is None:
             raise NotFound(f"Job {job_id[:64]} not found")
         return job
@@ -446,32 +422,32 @@ class Api:
 
     def cancel_job(self, job_id: str) -> bottle.HTTPResponse:
         job = self._find(job_id)
-        self.queue.cancel(job["id"])
-        self.storage.discard_upload(job["input_path"])  # a cancelled job is never retried
-        LOG.info("Job cancelled", extra={"job": job["id"]})
-        return self._json(200, {"success": True, "jobId": job["id"], "status": "cancelled"})
+        self.store.cancel(job.id)
+        self.storage.discard_upload(job.input_path)  # a cancelled job is never retried
+        LOG.info("Job cancelled", extra={"job": job.id})
+        return self._json(200, {"success": True, "jobId": job.id, "status": "cancelled"})
 
     def retry_job(self, job_id: str) -> bottle.HTTPResponse:
         self._take(1)
-        job_id = self._find(job_id)["id"]
-        self.queue.retry(job_id, self.cfg.max_queue_size)
-        self.queue.notify()
+        job_id = self._find(job_id).id
+        retry_failed(self.store, job_id, self.cfg.max_queue_size)
+        self.store.notify()
         LOG.info("Job sent back to the queue by request", extra={"job": job_id})
         return self._json(202, {"success": True, "jobId": job_id, "status": "queued"})
 
-    def _batch(self, batch_id: str) -> list[dict[str, Any]]:
+    def _batch(self, batch_id: str) -> list[Job]:
         """The batch's jobs, found by either id form (see id_forms)."""
         if not JOB_ID.fullmatch(batch_id):
             return []
-        return next(filter(None, map(self.queue.batch, id_forms(batch_id))), [])
+        return next(filter(None, map(self.store.batch, id_forms(batch_id))), [])
 
     def get_batch(self, batch_id: str) -> bottle.HTTPResponse:
         jobs = self._batch(batch_id)
         if not jobs:
             raise NotFound(f"Batch {batch_id[:64]} not found")
-        count = lambda *s: sum(j["status"] in s for j in jobs)  # noqa: E731
+        count = lambda *s: sum(j.status in s for j in jobs)  # noqa: E731
         return self._json(200, {
-            "batchId": jobs[0]["batch_id"], "total": len(jobs), "queued": count("queued", "retrying"),
+            "batchId": jobs[0].batch_id, "total": len(jobs), "queued": count("queued", "retrying"),
             "processing": count("processing"), "completed": count("completed"), "failed": count("failed"),
             "cancelled": count("cancelled"), "done": count("completed", "failed", "cancelled") == len(jobs),
             "jobs": [self._job_view(j) for j in jobs],
@@ -486,12 +462,12 @@ class Api:
             raise NotFound(f"Batch {batch_id[:64]} not found")
         pairs = []
         for job in jobs:
-            path = self.storage.output_file(Path(job["output_path"]).name) if job["status"] == "completed" \
-                and job["output_path"] else None
+            path = self.storage.output_file(Path(job.output_path).name) if job.status == JobStatus.COMPLETED \
+                and job.output_path else None
             if path is not None:  # only files the service wrote, inside processed/
-                pairs.append((job["original_name"], path))
+                pairs.append((job.original_name, path))
         if not pairs:
-            raise ServiceError("No file of this batch has been processed yet", "CONFLICT", 409)
+            raise ServiceError("No file of this batch has been processed yet", ErrorCode.CONFLICT)
         return bottle.HTTPResponse(stream_zip(entry_names(pairs)), 200, **{
             "Content-Type": "application/zip", "Cache-Control": "no-store",
             "Content-Disposition": f'attachment; filename="images-{batch_id[:8]}.zip"'})
@@ -517,16 +493,16 @@ class Api:
         return bottle.HTTPResponse(body, 200, **headers)
 
     # -- service state ------------------------------------------------------------------
-    def _supervisors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _supervisors(self) -> tuple[list[SupervisorRow], list[SupervisorRow]]:
         """(live, all) supervisor rows; live = heartbeat within HEALTH_STALE_MS."""
-        rows = self.queue.supervisors()
-        now = time.time() * 1000
-        return [s for s in rows if now - s["heartbeat_at"] <= HEALTH_STALE_MS], rows
+        rows = self.store.supervisors()
+        now = now_ms()
+        return [s for s in rows if now - s.heartbeat_at <= HEALTH_STALE_MS], rows
 
-    def _stats(self, live: list[dict[str, Any]]) -> dict[str, Any]:
+    def _stats(self, live: list[SupervisorRow]) -> dict[str, Any]:
         """/api/stats: the queue's statistics and what the live supervisors report."""
-        stats = self.queue.stats()
-        states = [s["state"] for s in live]
+        stats = stats_view(self.store.stats())
+        states = [s.state for s in live]
         stats.update({
             **pool_summary(states),
             "memory": states[0].get("memory", {}) if states else {},
@@ -544,15 +520,15 @@ class Api:
         priority, the last hour per minute and the latest failures."""
         live, _ = self._supervisors()
         stats = self._stats(live)
-        now = int(time.time() * 1000)
+        now = now_ms()
         return self._json(200, {
             "now": now, "stats": stats, "maxQueueSize": self.cfg.max_queue_size,
             "memoryMarks": {"pause": self.cfg.memory_pause_percent, "resume": self.cfg.memory_resume_percent},
-            "supervisors": [{"id": s["id"], "host": s.get("hostname"), "pid": s.get("pid"),
-                             "heartbeatAgeMs": now - s["heartbeat_at"], "state": s["state"]} for s in live],
-            "byPriority": self.queue.waiting_by_priority(),
-            "activity": self.queue.activity(now - 3_600_000),
-            "recentFailures": self.queue.recent_failures(10),
+            "supervisors": [{"id": s.id, "host": s.hostname, "pid": s.pid,
+                             "heartbeatAgeMs": now - s.heartbeat_at, "state": s.state} for s in live],
+            "byPriority": [asdict(p) for p in self.store.waiting_by_priority()],
+            "activity": [activity_view(m) for m in self.store.activity(now - 3_600_000)],
+            "recentFailures": [failure_view(j) for j in self.store.recent_failures(10)],
         })
 
     def get_dashboard_page(self) -> Any:
@@ -588,13 +564,18 @@ class Api:
                            + " (uploads get 503, jobs wait and retry)")
             return self._json(503, payload)
         if not live:
-            last = max((s["heartbeat_at"] for s in rows), default=None)
+            last = max((s.heartbeat_at for s in rows), default=None)
             payload.update(status="degraded", reason="no supervisor has reported in the last "
                            f"{HEALTH_STALE_MS // 1000} s: jobs are accepted but not processed",
-                           lastHeartbeat=_iso(last))
+                           lastHeartbeat=iso(last))
             return self._json(503, payload)
-        payload.update(status="ok", **pool_summary([s["state"] for s in live]),
-                       lastHeartbeat=_iso(max(s["heartbeat_at"] for s in live)))
+        states = [s.state for s in live]
+        payload.update(status="ok", **pool_summary(states), lastHeartbeat=iso(max(s.heartbeat_at for s in live)))
+        if not payload["workers"]["alive"]:
+            boot_errors = [st["lastBootError"] for st in states if st.get("lastBootError")]
+            payload.update(status="degraded", reason="no worker process is alive: jobs are accepted but not processed"
+                           + (f" ({boot_errors[0]})" if boot_errors else ""))
+            return self._json(503, payload)
         return self._json(200, payload)
 
     def _public_limits(self) -> dict[str, Any]:
@@ -607,7 +588,7 @@ class Api:
 
     def get_metrics(self) -> bottle.HTTPResponse:
         live, _ = self._supervisors()
-        text = self.metrics.render(self.queue.stats(), [s["state"] for s in live])
+        text = self.metrics.render(stats_view(self.store.stats()), [s.state for s in live])
         return bottle.HTTPResponse(text, 200, **{"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
                                                  "Cache-Control": "no-store"})
 
@@ -655,7 +636,7 @@ def _reload(api: Api) -> None:
     changed = config_mod.changes(api.cfg, cfg)
     values = {**cfg.values, **{k: api.cfg.values[k] for k in START_ONLY if k in api.cfg.values}}
     api.cfg = config_mod.Config(values)
-    api.limits = imaging.Limits.from_config(api.cfg)
+    api.limits = Limits.from_config(api.cfg)
     log.setup(api.cfg.log_level, api.cfg.log_format)
     LOG.info("Settings reloaded: %s", "; ".join(changed) if changed else "nothing changed")
     later = [c.split()[0] for c in changed if c.split()[0] in START_ONLY]
@@ -670,11 +651,11 @@ def _register_node(api: Api, stop: threading.Event) -> str | None:
     """On a store shared by several nodes (PostgreSQL), register this API
     process as a node and keep its heartbeat from a small thread until
     ``stop``; returns the node id (None on SQLite: one VM, nothing to share)."""
-    register = getattr(api.queue, "register_api", None)
+    register = getattr(api.store, "register_api", None)
     if register is None:
         return None
     node_id = f"{api.cfg.node_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    started = int(time.time() * 1000)
+    started = now_ms()
 
     def beat() -> None:
         while True:
@@ -694,13 +675,13 @@ def run(cfg: config_mod.Config) -> int:
     accepting, let in-flight requests finish (bounded) and exit 0."""
     Storage.for_config(cfg).ensure()
     api = Api(cfg)
-    api.queue.migrate()
-    api.storage.sweep_dead(api.queue)  # uploads cut off by a crash of an earlier API process
+    api.store.migrate()
+    Housekeeper(api.store, api.storage).sweep_dead()  # uploads cut off by a crash of an earlier API process
     try:
         server = make_server(cfg, api)
     except OSError as exc:  # taken or unknown address: say which setting, do not restart-loop
         LOG.error("Cannot listen on HOST=%s PORT=%s: %s", cfg.host, cfg.port, exc.strerror or exc)
-        api.queue.close()
+        api.store.close()
         return 2
     stop = threading.Event()
 
@@ -727,9 +708,9 @@ def run(cfg: config_mod.Config) -> int:
     server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
     if node is not None:
         try:
-            api.queue.remove_supervisors([node])
+            api.store.remove_supervisors([node])
         except Exception:
             LOG.exception("Could not unregister the node")
-    api.queue.close()
+    api.store.close()
     LOG.info("API stopped")
     return 0

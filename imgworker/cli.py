@@ -17,6 +17,9 @@ from typing import Any, Sequence
 
 from . import config as config_mod
 from . import db, log
+from .clock import now_ms
+from .model import STATUSES, output_filename
+from .store import StoreError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 CHECKED = "IMGWORKER_SETTINGS_CHECKED"  # set by serve for its children
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="when the server goes away mid-batch, wait this long for it before processing here (default 15)")
     pr.add_argument("--json", action="store_true", help="print one JSON result per file")
     j = sub.add_parser("jobs", help="list jobs, newest first")
-    j.add_argument("--status", choices=("queued", "processing", "completed", "failed", "retrying", "cancelled"))
+    j.add_argument("--status", choices=STATUSES)
     j.add_argument("--limit", type=int, default=20)
     j.add_argument("--json", action="store_true")
     one = sub.add_parser("job", help="show one job")
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as exc:  # e.g. an unreachable DATABASE_URL
         print(f"imgworker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except db.DatabaseError as exc:
+    except StoreError as exc:
         print(f"imgworker: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
@@ -102,14 +105,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAIL
 
 
-def _queue(cfg: config_mod.Config):
-    from .backends import open_queue
+def _prepare(cfg: config_mod.Config) -> None:
+    """Data directories and migrations: service start and `migrate` only."""
     from .storage import Storage
+    from .store import open_store
 
     Storage.for_config(cfg).ensure()
-    q = open_queue(cfg, role="imgworker-cli")
-    q.migrate()
-    return q
+    store = open_store(cfg, role="imgworker-cli")
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
+def _store(cfg: config_mod.Config):
+    """The existing database, for the operator commands: never created or
+    migrated here (StoreError when missing or out of date). Says which one
+    it is on stderr, so that stdout stays the command's output."""
+    from .store import open_store
+
+    store = open_store(cfg, create=False, role="imgworker-cli")
+    store.stats()  # open now: a missing database fails before any output
+    print(f"imgworker: database {store.location}", file=sys.stderr)
+    return store
 
 
 # -- service processes ------------------------------------------------------------
@@ -131,7 +149,7 @@ def cmd_serve(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     a crash loop does not spin); a configuration error (exit 2) or
     SIGTERM/SIGINT stops both; SIGHUP is passed to both (reload) and serve
     stays up."""
-    _queue(cfg).close()  # data dirs + migrations, once, before either half starts
+    _prepare(cfg)  # data dirs + migrations, once, before either half starts
     me = log.get("serve")
 
     def start(name: str) -> subprocess.Popen:
@@ -229,42 +247,46 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _public(job: dict[str, Any]) -> dict[str, Any]:
+def _public(job: Any) -> dict[str, Any]:
+    from .views import result_view
+
     keep = ("id", "batch_id", "status", "priority", "attempts", "max_attempts", "original_name", "input_size",
-            "created_at", "started_at", "completed_at", "run_at", "error_code", "error", "options", "result")
-    return {k: job[k] for k in keep}
+            "created_at", "started_at", "completed_at", "run_at", "error_code", "error", "options")
+    return {**{k: getattr(job, k) for k in keep},
+            "result": result_view(job.id, job.original_name, job.outcome) if job.outcome else None}
 
 
 def cmd_jobs(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    jobs = _queue(cfg).list(args.status, args.limit)
+    jobs = _store(cfg).list(args.status, args.limit)
     if args.json:
         print(json.dumps([_public(j) for j in jobs], indent=2))
         return EXIT_OK
-    rows = [[j["id"], j["status"], str(j["priority"]), f"{j['attempts']}/{j['max_attempts']}",
-             _fmt_time(j["created_at"]), j["original_name"][:40], j["error_code"] or ""] for j in jobs]
+    rows = [[j.id, j.status, str(j.priority), f"{j.attempts}/{j.max_attempts}",
+             _fmt_time(j.created_at), j.original_name[:40], j.error_code or ""] for j in jobs]
     print(_table(rows, ["ID", "STATUS", "PRI", "TRIES", "CREATED", "FILE", "ERROR"]) if rows else "no jobs")
     return EXIT_OK
 
 
 def cmd_job(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    job = _queue(cfg).get(args.id)
+    job = _store(cfg).get(args.id)
     if job is None:
         print(f"imgworker: job {args.id} not found", file=sys.stderr)
         return EXIT_FAIL
     if args.json:
         print(json.dumps(_public(job), indent=2))
         return EXIT_OK
-    fields = [("id", job["id"]), ("status", job["status"]), ("priority", job["priority"]),
-              ("attempts", f"{job['attempts']}/{job['max_attempts']}"), ("file", job["original_name"]),
-              ("size", job["input_size"]), ("created", _fmt_time(job["created_at"])),
-              ("started", _fmt_time(job["started_at"])), ("finished", _fmt_time(job["completed_at"]))]
-    if job["status"] == "retrying":
-        fields.append(("next retry", _fmt_time(job["run_at"])))
-    if job["error_code"]:
-        fields.append(("error", f"{job['error_code']}: {job['error']}"))
-    if job["result"]:
-        pf = job["result"]["processedFile"]
-        fields.append(("output", f"{pf['filename']} ({pf['size']} bytes, {pf['dimensions']['width']}x{pf['dimensions']['height']})"))
+    fields = [("id", job.id), ("status", job.status), ("priority", job.priority),
+              ("attempts", f"{job.attempts}/{job.max_attempts}"), ("file", job.original_name),
+              ("size", job.input_size), ("created", _fmt_time(job.created_at)),
+              ("started", _fmt_time(job.started_at)), ("finished", _fmt_time(job.completed_at))]
+    if job.status == "retrying":
+        fields.append(("next retry", _fmt_time(job.run_at)))
+    if job.error_code:
+        fields.append(("error", f"{job.error_code}: {job.error}"))
+    if job.outcome:
+        o = job.outcome
+        fields.append(("output", f"{output_filename(job.id, o.output_format)} ({o.output_size} bytes, "
+                                 f"{o.output_width}x{o.output_height})"))
     print("\n".join(f"{k:<11} {v}" for k, v in fields))
     return EXIT_OK
 
@@ -272,20 +294,21 @@ def cmd_job(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def _action(fn_name: str, done: str):
     def command(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         from .errors import ServiceError
+        from .housekeeping import retry_failed
         from .storage import Storage
 
-        q = _queue(cfg)
+        store = _store(cfg)
         try:
             if fn_name == "retry":
-                q.retry(args.id, cfg.max_queue_size)
+                retry_failed(store, args.id, cfg.max_queue_size)
             else:
-                job = q.get(args.id)
-                q.cancel(args.id)
-                Storage(cfg.data_dir).discard_upload(job["input_path"] if job else None)
+                job = store.get(args.id)
+                store.cancel(args.id)
+                Storage.for_config(cfg).discard_upload(job.input_path if job else None)  # never retried
         except ServiceError as exc:
             print(f"imgworker: {exc.message}", file=sys.stderr)
             return EXIT_FAIL
-        q.notify()
+        store.notify()
         print(f"job {args.id} {done}")
         return EXIT_OK
 
@@ -293,11 +316,15 @@ def _action(fn_name: str, done: str):
 
 
 def cmd_stats(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    q = _queue(cfg)
-    stats = q.stats()
-    sups = q.supervisors()
+    from dataclasses import asdict
+
+    from .views import stats_view
+
+    store = _store(cfg)
+    stats = stats_view(store.stats())
+    sups = store.supervisors()
     if args.json:
-        print(json.dumps({**stats, "supervisors": sups}, indent=2))
+        print(json.dumps({**stats, "supervisors": [asdict(s) for s in sups]}, indent=2))
         return EXIT_OK
     width = max(len(k) for k in stats)
     for k, v in stats.items():
@@ -305,19 +332,20 @@ def cmd_stats(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             print(f"{k:<{width}}  {v}")
     print("by status".ljust(width) + "  " + ", ".join(f"{k} {v}" for k, v in stats["byStatus"].items()))
     for s in sups:
-        st = s["state"]
-        age = (time.time() * 1000 - s["heartbeat_at"]) / 1000
+        st = s.state
+        age = (now_ms() - s.heartbeat_at) / 1000
         w = st.get("workers") or {}
         state = f"paused ({st.get('pauseReason') or 'no reason given'})" if st.get("paused") else "running"
-        print(f"supervisor {s['id']}: {state}, heartbeat {age:.1f}s ago, workers {w.get('alive', 0)}/"
+        print(f"supervisor {s.id}: {state}, heartbeat {age:.1f}s ago, workers {w.get('alive', 0)}/"
               f"{w.get('configured', 0)} alive, {w.get('busy', 0)} busy")
     return EXIT_OK
 
 
 def cmd_cleanup(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from .housekeeping import Housekeeper
     from .storage import Storage
 
-    counts = Storage.for_config(cfg).cleanup(_queue(cfg), cfg.job_retention_ms)
+    counts = Housekeeper(_store(cfg), Storage.for_config(cfg)).cleanup(cfg.job_retention_ms)
     print(f"removed {counts['jobs']} expired jobs and {counts['files']} files")
     return EXIT_OK
 

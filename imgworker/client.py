@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from . import imaging, log
 from .errors import ImageError
+from .views import result_view
 
 LOG = log.get("client")
 # What this client takes back for format=auto: it writes files, so any
@@ -364,12 +365,13 @@ class ServerApiClient:
         tmp = Path(tempfile.mkdtemp(prefix="imgworker-client-"))
         options = {**options, "accept": ACCEPT} if options.get("format") == "auto" else options
         try:
-            result = imaging.process(path, tmp, uuid.uuid4().hex, options, self.limits, path.name)
+            job_id = uuid.uuid4().hex
+            result = result_view(job_id, path.name, imaging.process(path, tmp, job_id, options, self.limits), url=False)
             out_dir.mkdir(parents=True, exist_ok=True)
             produced = tmp / result["processedFile"]["filename"]
             dest = unique_path(out_dir, f"{path.stem}{produced.suffix}")
             shutil.move(str(produced), dest)
-            result["processedFile"].update(filename=dest.name, url=None)
+            result["processedFile"]["filename"] = dest.name
             notify(str(path), "done", result)
             return FileResult(str(path), True, "local", str(dest), result, fallback_reason=reason)
         except ImageError as exc:

@@ -21,13 +21,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
+
+from .clock import now_ms
+from .store.base import StoreError
 
 MIN_SQLITE = (3, 35, 0)  # RETURNING, DROP COLUMN
 BUSY_TIMEOUT_MS = 10_000
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(StoreError):
     """The database cannot be used (too old, unreadable, bad migration)."""
 
 
@@ -46,8 +50,9 @@ def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
         )
 
 
-def connect(path: Path | str, durable: bool = True) -> sqlite3.Connection:
-    """Open a connection configured for the queue.
+def connect(path: Path | str, durable: bool = True, must_exist: bool = False) -> sqlite3.Connection:
+    """Open a connection configured for the queue (``must_exist``: never
+    create the file; sqlite3.OperationalError when it is missing).
 
     ``durable`` selects ``synchronous=FULL`` (each commit reaches the disk:
     used by the API, which promises a job is kept once it answers 202) or
@@ -56,8 +61,9 @@ def connect(path: Path | str, durable: bool = True) -> sqlite3.Connection:
     outputs are idempotent).
     """
     check_sqlite_version()
+    target = f"file:{quote(str(Path(path).resolve()))}?mode=rw" if must_exist else str(path)
     conn = sqlite3.connect(
-        str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False, uri=must_exist
     )
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -140,6 +146,16 @@ def applied_migrations(conn: sqlite3.Connection) -> dict[int, tuple[str, int]]:
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
+def pending_migrations(conn: sqlite3.Connection) -> list[str]:
+    """File names of the migrations not yet applied, without writing
+    anything (no ledger is created on a database that has none)."""
+    has_ledger = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} if has_ledger else set()
+    return [path.name for version, _, path in available_migrations() if version not in applied]
+
+
 def migrate(conn: sqlite3.Connection, directory: Path | None = None, target: int | None = None) -> list[str]:
     """Apply pending migrations in order (up to ``target``); return their file names.
 
@@ -159,7 +175,7 @@ def migrate(conn: sqlite3.Connection, directory: Path | None = None, target: int
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (version, name, int(time.time() * 1000)),
+                (version, name, now_ms()),
             )
         done.append(path.name)
     return done

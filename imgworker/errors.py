@@ -1,50 +1,43 @@
-"""Domain errors. Each carries a stable ``code`` and the HTTP status the API
-maps it to in its one error boundary; nothing else in the package knows HTTP.
+"""Domain errors. Each carries a stable ``code`` (an :class:`ErrorCode`,
+which knows its HTTP status) that the API maps in its one error boundary;
+nothing else in the package knows HTTP.
 """
 
 from __future__ import annotations
+
+from .model import ErrorCode
 
 
 class ServiceError(Exception):
     """An expected failure with a code a client can act on."""
 
-    status = 500
-    code = "INTERNAL_ERROR"
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
-    def __init__(self, message: str, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, code: ErrorCode | str | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
+            self.code = ErrorCode(code)
+
+    @property
+    def status(self) -> int:
+        return self.code.http_status
 
 
 class NotFound(ServiceError):
-    status, code = 404, "NOT_FOUND"
+    code = ErrorCode.NOT_FOUND
 
 
 class Conflict(ServiceError):
-    status, code = 409, "CONFLICT"
+    code = ErrorCode.CONFLICT
 
 
 class InvalidParameter(ServiceError):
-    status, code = 400, "INVALID_PARAMETER"
+    code = ErrorCode.INVALID_PARAMETER
 
 
 class QueueFull(ServiceError):
-    status, code = 503, "QUEUE_FULL"
-
-
-# Image problems: deterministic ones are never retried.
-IMAGE_STATUS = {
-    "NO_FILE": 400,
-    "FILE_TOO_LARGE": 413,
-    "UNSUPPORTED_FORMAT": 415,
-    "INVALID_IMAGE": 422,
-    "IMAGE_TOO_LARGE": 422,
-    "IO_ERROR": 500,
-}
+    code = ErrorCode.QUEUE_FULL
 
 
 class ImageError(ServiceError):
@@ -52,12 +45,12 @@ class ImageError(ServiceError):
 
     ``message`` is for the user (what is wrong with the file, in their
     words); ``detail`` (decoder exception, paths) goes to the log only.
-    ``transient`` is true only for failures that may pass on a second try
-    (I/O errors); a decode error is never transient, because a second load()
-    of a broken stream can "succeed" with a partial image.
+    Whether a job failing with it is retried is the code's ``transient``
+    flag (only I/O errors): a decode error is never retried, because a
+    second load() of a broken stream can "succeed" with a partial image.
     """
 
-    def __init__(self, code: str, message: str, transient: bool = False, detail: str | None = None):
-        super().__init__(message, code=code, status=IMAGE_STATUS.get(code, 422))
-        self.transient = transient
+    def __init__(self, code: ErrorCode | str, message: str, transient: bool | None = None, detail: str | None = None):
+        super().__init__(message, code)
+        self.transient = self.code.transient if transient is None else transient
         self.detail = detail  # for the log only: may name server paths, decoder internals

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from . import config as config_mod
 from .metrics import Metrics
-from .storage import JOB_ID_PATTERN
+from .model import JOB_ID_PATTERN
 
 JOB_ID = re.compile(JOB_ID_PATTERN)
 

@@ -8,7 +8,8 @@ Contract:
   applies EXIF orientation, converts to sRGB when an ICC profile is present,
   fits within the limits keeping the aspect ratio (never upscaling), strips
   metadata, encodes, and writes ``processed_<jobId>.<ext>`` atomically. It
-  returns the result dict of ``GET /api/job/:id`` (seed README shape).
+  returns a typed :class:`~imgworker.model.Outcome` (the API alone turns it
+  into the public JSON).
 - Every failure is an :class:`ImageError` with a code; deterministic ones
   (UNSUPPORTED_FORMAT, INVALID_IMAGE, IMAGE_TOO_LARGE) are never transient,
   and a decode error is never retried (a second load() of a broken stream can
@@ -41,6 +42,8 @@ from . import formats
 from .errors import ImageError
 from .probe import Header, check_animation, check_pixels, inspect, sniff  # noqa: F401  (sniff, Header: API)
 from .strip import strip
+from .limits import Limits
+from .model import Outcome, output_filename
 
 if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
     import pillow_heif
@@ -53,7 +56,6 @@ if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
 # JPEG with a second picture appended; we treat it as JPEG.
 PIL_FORMATS = {"jpeg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",), "gif": ("GIF",), "avif": ("AVIF",),
                "heic": ("HEIF",)}
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "avif": "avif"}
 CAN_ANIMATE = ("webp", "gif", "avif")
 MULTI_FRAME_INPUTS = ("gif", "webp", "png", "avif")
 ANIMATED_AVIF_MIN_SPEED = 8  # a HEIC's extra top-level pictures are not frames
@@ -65,28 +67,6 @@ _TRANSPOSE = {
 }
 
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Server-side limits and defaults (from Config; see config.py)."""
-
-    max_width: int = 1024
-    max_height: int = 1024
-    max_input_pixels: int = 50_000_000
-    max_frames: int = 1000
-    max_animation_pixels: int = 500_000_000
-    formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif")
-    quality: int = 80
-    output_format: str = "webp"
-    avif_speed: int = 6
-    max_jpeg_scans: int = 100
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "Limits":
-        return cls(cfg.max_image_width, cfg.max_image_height, cfg.max_input_pixels, cfg.max_frames,
-                   cfg.max_animation_pixels, tuple(cfg.supported_formats), cfg.quality, cfg.output_format,
-                   cfg.avif_speed, cfg.max_jpeg_scans)
 
 
 @dataclass
@@ -335,12 +315,13 @@ def output_format(requested: str, info: Probe, accept: str | None = None) -> str
     return requested
 
 
-def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str, Any], limits: Limits,
-            original_name: str = "") -> dict[str, Any]:
+
+def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str, Any], limits: Limits) -> Outcome:
     """Run the whole pipeline on ``src``; write ``out_dir/processed_<job_id>.<ext>``.
 
     ``options``: format (webp|jpeg|png|original), quality (1-100), maxWidth,
-    maxHeight (capped by the limits). Returns the result dict.
+    maxHeight (capped by the limits). Returns the typed outcome (views.py
+    turns it into the public JSON).
     """
     started = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
@@ -385,37 +366,13 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
                     data, kept_original = smaller, True
         finally:
             im.close()
-    ext = EXTENSIONS[fmt]
-    filename = f"processed_{job_id}.{ext}"
-    write_atomic(out_dir / filename, data)
-    size_saved = input_size - len(data)
-    return {
-        "success": True,
-        "processingTime": round((time.perf_counter() - started) * 1000),
-        "originalFile": {
-            "name": original_name,
-            "size": input_size,
-            "format": info.format,
-            "dimensions": {"width": info.width, "height": info.height},
-        },
-        "processedFile": {
-            "filename": filename,
-            "size": len(data),
-            "format": fmt,
-            "dimensions": {"width": out_w, "height": out_h},
-            "url": f"/api/images/{filename}",
-        },
-        "optimization": {
-            "wasResized": resized,
-            "formatChanged": fmt != info.format,
-            "compressionRatio": f"{(size_saved / input_size * 100) if input_size else 0:.1f}%",
-            "sizeSaved": size_saved,
-            "keptOriginalEncoding": kept_original,
-        },
-        "animated": animate,
-        "framesIn": info.frames,
-        "framesOut": len(frames),
-    }
+    write_atomic(out_dir / output_filename(job_id, fmt), data)
+    return Outcome(
+        processing_ms=round((time.perf_counter() - started) * 1000),
+        input_format=info.format, input_size=input_size, input_width=info.width, input_height=info.height,
+        output_format=fmt, output_size=len(data), output_width=out_w, output_height=out_h,
+        frames_in=info.frames, frames_out=len(frames), animated=animate, kept_original=kept_original,
+    )
 
 
 def write_atomic(path: Path, data: bytes) -> None:

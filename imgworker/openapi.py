@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import __version__
 from . import config as config_mod
-from .storage import JOB_ID_PATTERN
+from .model import JOB_ID_PATTERN, OPTION_RANGES
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -27,14 +28,11 @@ def _upload(field: str, many: bool, cfg: config_mod.Config) -> dict[str, Any]:
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
     props: dict[str, Any] = {
         field: {"type": "array", "items": file_schema, "maxItems": cfg.batch_max_files} if many else file_schema,
-        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000,
-                     "description": f"higher runs first; above {cfg.max_client_priority} (MAX_CLIENT_PRIORITY) "
-                                    "it is lowered to that"},
         "format": {"type": "string", "enum": list(config_mod.OUTPUT_FORMATS)},
-        "quality": {"type": "integer", "minimum": 1, "maximum": 100},
-        "maxWidth": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "maxHeight": {"type": "integer", "minimum": 1, "maximum": 65535},
+        **{name: {"type": "integer", "minimum": lo, "maximum": hi} for name, (lo, hi) in OPTION_RANGES.items()},
     }
+    props["priority"]["description"] = (f"higher runs first; above {cfg.max_client_priority} (MAX_CLIENT_PRIORITY) "
+                                        "it is lowered to that")
     return {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": [field], "properties": props}}}}
 
@@ -56,7 +54,7 @@ JOB_PARAM = [{"name": "jobId", "in": "path", "required": True, "schema": {"type"
 def document(cfg: config_mod.Config) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
-        "info": {"title": "imgworker", "version": "0.1.0",
+        "info": {"title": "imgworker", "version": __version__,
                  "description": "Durable image-processing jobs: upload, poll, download."},
         "paths": {
             "/api/process/single": {"post": {"summary": "Queue one image", "requestBody": _upload("image", False, cfg),

@@ -65,7 +65,7 @@ class SharedRateLimiter(RateLimiter):
 
     :meth:`take` counts in the database (one small table, a row per client
     updated under its row lock, by the database's clock: see
-    ``PgJobQueue.rate_take``), so N nodes together grant no more than the
+    ``PgStore.rate_take``), so N nodes together grant no more than the
     limit. :meth:`blocked` runs on the server's I/O thread and must not wait
     on the network: it answers from what this node last learnt about the
     client; a client this node has not seen yet is refused by :meth:`take`.

@@ -1,4 +1,6 @@
-"""The data directory: where uploads, outputs and temp files live, and their cleanup.
+"""The data directory: where uploads, outputs and temp files live. Files
+only: which of them are still wanted is for housekeeping.py to decide with
+the job store.
 
 Layout under DATA_DIR (shared by every node of a cluster)::
 
@@ -25,22 +27,18 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from . import log
+from .model import EXTENSIONS, JOB_ID_PATTERN, OUTPUT_NAME
 
-LOG = log.get("cleanup")
-# A job id: a standard UUID (what the original service used and what we
-# issue), or the 32 hex digits of earlier versions (still found on disk).
-JOB_ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
-OUTPUT_NAME = re.compile(rf"^processed_({JOB_ID_PATTERN})\.(webp|jpg|png|gif|avif)$")
+LOG = log.get("storage")
+_UPLOAD_EXT = "|".join(sorted(set(EXTENSIONS.values())))
 # group 1 job id, 2 pid, 3 node tag (absent in names written before nodes existed)
-UPLOAD_NAME = re.compile(rf"^({JOB_ID_PATTERN})-(\d+)(?:\.([0-9a-f]{{8}}))?\.(jpg|png|webp|gif|avif|heic)$")
+UPLOAD_NAME = re.compile(rf"^({JOB_ID_PATTERN})-(\d+)(?:\.([0-9a-f]{{8}}))?\.({_UPLOAD_EXT})$")
 TMP_UPLOAD = re.compile(r"^upload-(\d+)(?:\.([0-9a-f]{8}))?-")
 NODE_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-ORPHAN_AGE_S = 15 * 60  # older than any upload in flight or job being written
 
 
 def temp_upload_prefix() -> str:
@@ -88,7 +86,7 @@ class Storage:
         """``uploads/<jobId>-<pid>.<node>.<ext>``: the pid and host of the API
         process that writes the row let cleanup tell at once an upload whose
         row never committed (its process died) from one still being committed."""
-        return self.uploads / f"{job_id}-{os.getpid()}.{NODE_TAG}.{'jpg' if fmt == 'jpeg' else fmt}"
+        return self.uploads / f"{job_id}-{os.getpid()}.{NODE_TAG}.{EXTENSIONS[fmt]}"
 
     def move_in(self, src: Path, dst: Path) -> None:
         """Move a received upload into uploads/ atomically: a rename, or when
@@ -134,63 +132,56 @@ class Storage:
         if path and Path(path).parent == self.uploads:
             _unlink(path)
 
-    def cleanup(self, queue: Any, retention_ms: int, now_ms: int | None = None) -> dict[str, int]:
-        """Remove finished jobs older than the retention with their files,
-        and orphan files (temp files, uploads and outputs without a job row)
-        older than ORPHAN_AGE_S. Returns counts."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        removed_jobs = removed_files = 0
-        while True:
-            expired = queue.expired(older_than=now_ms - retention_ms)
-            if not expired:
-                break
-            for job in expired:
-                for p in (job["input_path"], job["output_path"]):
-                    removed_files += _unlink(p)
-            removed_jobs += queue.delete([j["id"] for j in expired])
-        cutoff = now_ms / 1000 - ORPHAN_AGE_S
-        removed_files += self.sweep_dead(queue)
-        for entry in _old_entries(self.tmp, cutoff):
-            removed_files += _unlink(entry)
+    def remove_job_files(self, input_path: str | None, output_path: str | None) -> int:
+        """Delete an expired job's upload and output; returns files removed."""
+        return _unlink(input_path) + _unlink(output_path)
+
+    def remove_old_temp_files(self, cutoff_s: float) -> int:
+        """Delete entries of the temp folder last modified before ``cutoff_s`` (epoch seconds)."""
+        return sum(_unlink(entry) for entry in _old_entries(self.tmp, cutoff_s))
+
+    def remove_old_partials(self, cutoff_s: float) -> int:
+        """Delete half-written files (``.tmp-*``) in uploads/ and processed/
+        last modified before ``cutoff_s``."""
+        return sum(_unlink(entry) for folder in (self.uploads, self.processed)
+                   for entry in _old_entries(folder, cutoff_s) if entry.name.startswith(".tmp-"))
+
+    def old_job_files(self, cutoff_s: float) -> dict[str, list[Path]]:
+        """Uploads and outputs last modified before ``cutoff_s``, by the job id
+        in their name (the caller keeps those whose job has a row)."""
+        found: dict[str, list[Path]] = {}
         for folder, pattern in ((self.uploads, UPLOAD_NAME), (self.processed, OUTPUT_NAME)):
-            candidates: dict[str, list[Path]] = {}
-            for entry in _old_entries(folder, cutoff):
+            for entry in _old_entries(folder, cutoff_s):
                 match = pattern.match(entry.name)
                 if match:
-                    candidates.setdefault(match.group(1), []).append(entry)
-                elif entry.name.startswith(".tmp-"):
-                    removed_files += _unlink(entry)
-            if candidates:
-                known = queue.known_ids(candidates)
-                for job_id, paths in candidates.items():
-                    if job_id not in known:
-                        for p in paths:
-                            removed_files += _unlink(p)
-        if removed_jobs or removed_files:
-            LOG.info("Cleanup removed %d expired jobs and %d files", removed_jobs, removed_files)
-        return {"jobs": removed_jobs, "files": removed_files}
+                    found.setdefault(match.group(1), []).append(entry)
+        return found
 
-
-    def sweep_dead(self, queue: Any) -> int:
-        """Delete, whatever their age, files left by processes that died
-        mid-upload: temp uploads (``upload-<pid>.<node>-*``) and uploads
-        without a job row (``<jobId>-<pid>.<node>.<ext>``) whose writing
-        process is gone. Only this host's files: on a shared DATA_DIR another
-        node's pid cannot be checked from here (its old files go by age)."""
+    def remove_dead_temp_uploads(self) -> int:
+        """Delete, whatever their age, temp uploads (``upload-<pid>.<node>-*``)
+        of this host's processes that are gone (another node's pid cannot be
+        checked from here: its old files go by age)."""
         count = 0
         for entry in _old_entries(self.tmp, float("inf")):
             match = TMP_UPLOAD.match(entry.name)
             if match and _mine(match.group(1), match.group(2)):
                 count += _unlink(entry)
-        candidates = {}
+        return count
+
+    def uploads_of_dead_processes(self) -> dict[str, list[Path]]:
+        """Uploads (``<jobId>-<pid>.<node>.<ext>``) whose writing process on
+        this host is gone, by job id: the caller deletes those without a row
+        (their transaction never committed)."""
+        found: dict[str, list[Path]] = {}
         for entry in _old_entries(self.uploads, float("inf")):
             match = UPLOAD_NAME.match(entry.name)
             if match and _mine(match.group(2), match.group(3)):
-                candidates[match.group(1)] = entry
-        if candidates:
-            known = queue.known_ids(candidates)
-            count += sum(_unlink(p) for job_id, p in candidates.items() if job_id not in known)
-        return count
+                found.setdefault(match.group(1), []).append(entry)
+        return found
+
+    @staticmethod
+    def remove(paths: list[Path]) -> int:
+        return sum(_unlink(p) for p in paths)
 
     def remove_partial_output(self, job_id: str) -> int:
         """Delete what a killed worker was writing for ``job_id``."""

@@ -1,20 +1,25 @@
-"""The supervisor: owns a fixed pool of worker processes and the job outcomes.
+"""The supervisor: owns the worker pool (pool.py) and every job outcome.
 
 Shape (after gunicorn's arbiter): signal handlers only queue the signal and
-wake the loop; the main loop dispatches (``handle_term`` etc.), then runs
-small steps: reap dead workers, murder timed-out ones, top the pool back up,
-heartbeat / recover / clean up, and hand claimed jobs to idle workers.
+wake the loop; each turn of the loop (:meth:`Supervisor.step`) dispatches
+signals, reaps dead workers, times out stuck jobs, escalates kills, tops the
+pool up, does the periodic work and hands claimed jobs to idle workers.
 
 Contract:
 - Only the supervisor writes job outcomes; workers never touch the database.
-- A job past JOB_TIMEOUT_MS has its worker's process group killed (SIGTERM,
-  short grace, SIGKILL: it may be stuck in C code, so the kill never depends
-  on the worker cooperating); the job is retried or failed with TIMEOUT and
-  the slot gets a fresh worker.
+- A job past JOB_TIMEOUT_MS has its worker stopped: SIGTERM to its process
+  group, SIGKILL KILL_GRACE_S later whatever the worker does (it may be
+  stuck in C code, stopped by SIGSTOP or ignoring SIGTERM); the job is
+  retried or failed with TIMEOUT. The stopped worker keeps its slot until
+  it is reaped, so the pool never exceeds MAX_CONCURRENT_JOBS processes.
 - A worker that dies on its own is reaped at once, logged with its signal,
   replaced, and its job retried (WORKER_CRASHED).
+- A worker that dies before it is ready is a boot failure: the next start
+  waits BOOT_BACKOFF_S, doubling up to BOOT_BACKOFF_MAX_S; after
+  BOOT_FAILURE_LIMIT in a row the supervisor stops with exit code 3 (like
+  gunicorn's WORKER_BOOT_ERROR) rather than spawn forever.
 - On start and periodically, ``processing`` rows whose lease expired or whose
-  supervisor is gone are taken back (queue.recover).
+  supervisor is gone are taken back (store.recover).
 - Before each claim memory use is read; at or above MEMORY_PAUSE_PERCENT no
   job is claimed until use is below MEMORY_RESUME_PERCENT.
 - A job's I/O error (IO_ERROR, transient: retried with backoff) makes it
@@ -31,58 +36,41 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
 from . import config as config_mod
 from . import db, log, notify
-from .backends import open_queue
-from .imaging import Limits
+from .clock import hms, monotonic, now_ms
+from .housekeeping import Housekeeper
+from .limits import Limits
 from .memory import MemoryProbe
-from .queue import RetryPolicy
+from .model import ErrorCode, JobStatus, Outcome, output_filename
+from .pool import Pool, Processes, Worker, WorkerState
 from .storage import Storage
-from .worker import recv, send
+from .store import Job, RetryPolicy, SupervisorRow, open_store
+from .wire import job_message, parse_report, recv, send
 
 LOG = log.get("supervisor")
 HEARTBEAT_S = 1.0
-POLL_S = 0.25          # claim poll when no wake-up arrives (other hosts, lost datagrams)
-KILL_GRACE_S = 0.2     # between SIGTERM and SIGKILL of a timed-out worker
+POLL_S = 0.25             # claim poll when no wake-up arrives (other hosts, lost datagrams)
+KILL_GRACE_S = 0.2        # SIGTERM -> SIGKILL of a timed-out worker
+RECYCLE_GRACE_S = 5.0     # EOF -> SIGKILL of an idle worker asked to exit (recycling, shutdown)
+SHUTDOWN_REAP_S = 2.0     # how long shutdown waits for idle workers to exit on EOF
+BOOT_TIMEOUT_S = 30.0     # a worker not ready by then is killed (a boot failure)
+BOOT_BACKOFF_S = 1.0      # pause before replacing a worker that died while starting; doubles
+BOOT_BACKOFF_MAX_S = 30.0
+BOOT_FAILURE_LIMIT = 5    # boot failures in a row after which the supervisor stops
+EXIT_BOOT_FAILURE = 3
 LEASE_GRACE_MS = 10_000
-DEAD_AFTER_MS = 60_000  # a supervisor on another host silent this long is dead
-STORAGE_CHECK_S = 2.0   # how often a pause for an unwritable data directory is rechecked
-BOOT_BACKOFF_S = 1      # pause before replacing workers that die while starting
+DEAD_AFTER_MS = 60_000    # a supervisor on another host silent this long is dead
+STORAGE_CHECK_S = 2.0     # how often a pause for an unwritable data directory is rechecked
 PROCESSING_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-
-
-@dataclass
-class Worker:
-    slot: int
-    proc: subprocess.Popen
-    sock: socket.socket
-    ready: bool = False
-    job: dict[str, Any] | None = None
-    started: float = 0.0          # monotonic start of the current job
-    kill_at: float | None = None  # monotonic time for SIGKILL after SIGTERM
-    doomed: str | None = None     # why we are killing it (timeout, shutdown, rss)
-    rss_mb: int = 0
-    jobs_done: int = 0
-    retire: bool = False          # recycle after the current job
-    writing: str | None = None    # job whose output it may be writing (cleaned up if it dies)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def busy(self) -> bool:
-        return self.job is not None
 
 
 @dataclass
@@ -104,10 +92,10 @@ class Counters:
     processing_buckets: list[int] = field(default_factory=lambda: [0] * (len(PROCESSING_BUCKETS_MS) + 1))
     processing_ms_sum: int = 0
 
-    def observe(self, elapsed_ms: int, result: dict[str, Any]) -> None:
+    def observe(self, elapsed_ms: int, outcome: Outcome) -> None:
         self.completed += 1
-        self.bytes_in += int(result["originalFile"]["size"])
-        self.bytes_out += int(result["processedFile"]["size"])
+        self.bytes_in += outcome.input_size
+        self.bytes_out += outcome.output_size
         self.processing_ms_sum += elapsed_ms
         for i, bound in enumerate(PROCESSING_BUCKETS_MS):
             if elapsed_ms <= bound:
@@ -116,18 +104,24 @@ class Counters:
 
 
 class Supervisor:
-    def __init__(self, cfg: config_mod.Config):
-        self.cfg = cfg
-        self.queue = open_queue(cfg, durable=False, role="imgworker-supervisor")
+    """``processes`` and ``clock`` are the seams to the operating system and
+    to time (tests pass fakes); everything else is real."""
+
+    def __init__(self, cfg: config_mod.Config, processes: Processes | None = None,
+                 clock: Callable[[], float] = monotonic):
+        self.clock = clock
+        self.store = open_store(cfg, durable=False, role="imgworker-supervisor")
         self.storage = Storage.for_config(cfg)
         self.id = f"{cfg.node_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.started_ms = int(time.time() * 1000)
-        self.started_mono = time.monotonic()
-        self.workers: dict[int, Worker] = {}     # slot -> worker
-        self.by_pid: dict[int, Worker] = {}
+        self.started_ms = now_ms()
+        self.started_mono = clock()
+        self.selector = selectors.DefaultSelector()
+        self.pool = Pool(cfg.max_concurrent_jobs, self.selector, processes or Processes(), clock,
+                         worker_memory_cap_mb(cfg.worker_max_rss_mb))
         self.signals: list[int] = []
         self.stopping = False
         self.stop_deadline: float | None = None
+        self.exit_code = 0
         self.paused = False
         self.pause_reason: str | None = None
         self.memory: dict[str, Any] = {}
@@ -135,11 +129,14 @@ class Supervisor:
         self.storage_checked = 0.0
         self.counters = Counters()
         self.memprobe = MemoryProbe()
-        self.selector = selectors.DefaultSelector()
         self.next_heartbeat = 0.0
         self.next_cleanup = 0.0
         self.respawn_after = 0.0
-        self.announced = False      # READY=1 sent to systemd
+        self.boot_failures = 0            # in a row; a worker becoming ready resets it
+        self.last_boot_error: str | None = None
+        self.announced = False            # READY=1 sent to systemd
+        self.signals_installed = False
+        self.wake: Any = None             # the store's wake-up listener (store.listen)
         self._apply(cfg)
 
     def _apply(self, cfg: config_mod.Config) -> None:
@@ -147,34 +144,41 @@ class Supervisor:
         self.limits = Limits.from_config(cfg)
         self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms, cfg.max_attempts)
         self.lease_ms = cfg.job_timeout_ms + LEASE_GRACE_MS
-        log.setup(cfg.log_level, cfg.log_format)
+        self.pool.max_mb = worker_memory_cap_mb(cfg.worker_max_rss_mb)
+        log.setup(cfg.log_level)
 
     # -- life cycle ------------------------------------------------------------------
     def run(self) -> int:
+        self.install_signals()
         self.start()
         try:
             while True:
-                self.dispatch_signals()
-                self.reap_workers()
-                if self.stopping and self.drained():
-                    break
-                self.murder_workers()
-                if not self.stopping:
-                    self.spawn_workers()
                 try:
-                    self.housekeeping()
-                    self.assign_jobs()
+                    if self.step():
+                        break
                     self.sleep()
                 except db.StoreUnavailable as exc:  # keep the pool; try again in a second
                     LOG.error("Database unavailable: %s", exc)
                     time.sleep(1)
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
-    def start(self) -> None:
-        self.storage.ensure()
-        self.queue.migrate()
+    def step(self) -> bool:
+        """One turn of the main loop. True once a stop has drained."""
+        self.dispatch_signals()
+        self.reap_workers()
+        if self.stopping and self.drained():
+            return True
+        self.murder_workers()
+        self.pool.escalate()
+        if not self.stopping:
+            self.spawn_workers()
+        self.housekeeping()
+        self.assign_jobs()
+        return False
+
+    def install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -182,7 +186,11 @@ class Supervisor:
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
-        self.wake = None
+        self.signals_installed = True
+
+    def start(self) -> None:
+        self.storage.ensure()
+        self.store.migrate()
         self.listen()
         self.heartbeat()
         self.recover(first=True)
@@ -198,7 +206,7 @@ class Supervisor:
         SQLite, LISTEN/NOTIFY on PostgreSQL); polling covers the time
         without one, and the heartbeat asks again."""
         if self.wake is None:
-            self.wake = self.queue.listen()
+            self.wake = self.store.listen()
             if self.wake is not None:
                 self.selector.register(self.wake, selectors.EVENT_READ, "wake")
 
@@ -226,13 +234,15 @@ class Supervisor:
     def handle_term(self, sig: int) -> None:
         if self.stopping:  # a second signal: stop now, running jobs go back to the queue
             LOG.info("Received %s again: stopping now", signal.Signals(sig).name)
-            self.stop_deadline = time.monotonic()
+            self.stop_deadline = self.clock()
             return
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.cfg.shutdown_timeout_ms / 1000
-        busy = sum(w.busy for w in self.workers.values())
         LOG.info("Received %s: no new jobs; waiting up to %dms for %d running", signal.Signals(sig).name,
-                 self.cfg.shutdown_timeout_ms, busy)
+                 self.cfg.shutdown_timeout_ms, self.pool.busy)
+        self.begin_stop()
+
+    def begin_stop(self) -> None:
+        self.stopping = True
+        self.stop_deadline = self.clock() + self.cfg.shutdown_timeout_ms / 1000
 
     def handle_hup(self) -> None:
         try:
@@ -251,275 +261,214 @@ class Supervisor:
         LOG.info("Settings reloaded: %s", "; ".join(changed) if changed else "nothing changed")
 
     def drained(self) -> bool:
-        if any(w.busy for w in self.workers.values()):
-            if time.monotonic() < (self.stop_deadline or 0):
-                return False
-            for w in self.workers.values():
-                if w.busy:
-                    self.release(w, "shutdown timeout")
+        """Stopping: True once no job runs, or the shutdown budget is spent
+        (the jobs still running are then released)."""
+        busy = self.pool.in_state(WorkerState.BUSY)
+        if busy and self.clock() < (self.stop_deadline or 0):
+            return False
+        for w in busy:
+            self.release(w, "shutdown timeout")
         return True
 
     def shutdown(self) -> None:
         """Release any job still held, stop every worker, leave no child behind."""
         notify.notify("STOPPING=1")
-        for w in list(self.workers.values()):
+        self.stopping = True
+        for w in self.pool:
             if w.busy:
                 self.release(w, "supervisor stopping")
-            try:
-                w.sock.close()  # EOF: an idle worker exits by itself
-            except OSError:
-                pass
-        deadline = time.monotonic() + 2
-        while self.by_pid and time.monotonic() < deadline:
+            else:  # EOF: an idle worker exits by itself; SIGKILL if it has not by the deadline
+                self.pool.stop(w, "supervisor stopping", SHUTDOWN_REAP_S, sig=None)
+        deadline = self.clock() + SHUTDOWN_REAP_S + 1
+        while self.pool.workers and self.clock() < deadline:
             self.reap_workers()
+            self.pool.escalate()
             time.sleep(0.01)
-        for w in list(self.by_pid.values()):
-            self._signal_group(w, signal.SIGKILL)
-            try:
-                os.waitpid(w.pid, 0)
-            except ChildProcessError:
-                pass
-            w.proc.returncode = -9
+        for w in self.pool:  # still there: killed, and the kernel's parent-death signal backs this up
+            self.pool.kill(w)
         try:
-            self.queue.remove_supervisors([self.id])
+            self.store.remove_supervisors([self.id])
         except Exception:  # the database may be the reason we stop
             LOG.exception("Could not unregister")
-        signal.set_wakeup_fd(-1)
+        if self.signals_installed:
+            signal.set_wakeup_fd(-1)
         self.unlisten()
-        self.queue.close()
+        self.store.close()
         LOG.info("Supervisor stopped")
 
     def release(self, w: Worker, why: str) -> None:
-        """Kill a busy worker and give its job back without spending an attempt."""
-        job = w.job
-        w.job = None
-        w.doomed = why
-        self._signal_group(w, signal.SIGKILL)
-        if job and self.queue.release(job["id"], self.id):
-            LOG.info("Returned to the queue (%s)", why, extra={"job": job["id"]})
+        """Kill a busy worker now and give its job back without spending an attempt."""
+        job = self.pool.stop(w, why, 0)
+        if job and self.store.release(job.id, self.id):
+            LOG.info("Returned to the queue (%s)", why, extra={"job": job.id})
 
     # -- the pool -----------------------------------------------------------------------
     def spawn_workers(self) -> None:
-        if time.monotonic() < self.respawn_after:
+        if self.clock() < self.respawn_after:
             return  # workers are dying before they start: do not spin
-        for slot in range(self.cfg.max_concurrent_jobs):
-            if slot not in self.workers:
-                self.spawn_worker(slot)
-
-    def spawn_worker(self, slot: int) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "imgworker.worker", str(child.fileno()), str(os.getpid()),
-                 str(worker_memory_cap_mb(self.cfg.worker_max_rss_mb))],
-                pass_fds=(child.fileno(),), process_group=0, stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            LOG.error("Could not start a worker: %s", exc)
-            parent.close()
-            return
-        finally:
-            child.close()
-        w = Worker(slot, proc, parent)
-        self.workers[slot] = w
-        self.by_pid[proc.pid] = w
-        self.selector.register(parent, selectors.EVENT_READ, w)
-        self.counters.spawned += 1
-        LOG.debug("Worker %d started in slot %d", proc.pid, slot)
+        for slot in self.pool.free_slots():
+            if self.pool.spawn(slot) is None:
+                self.boot_failed("could not be started")
+                return
+            self.counters.spawned += 1
 
     def reap_workers(self) -> None:
-        """waitpid(-1, WNOHANG) until no dead child is left; settle their jobs."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            w = self.by_pid.pop(pid, None)
-            if w is None:
-                continue
-            w.proc.returncode = os.waitstatus_to_exitcode(status)
-            self._forget(w)
-            if w.writing and not any(o.job and o.job["id"] == w.writing for o in self.workers.values()):
-                # killed or crashed mid-job: no half-written output stays behind
-                # (unless the job's retry already runs on another worker)
-                self.storage.remove_partial_output(w.writing)
-            if os.WIFSIGNALED(status):
-                sig = signal.Signals(os.WTERMSIG(status)).name
-                why = f"killed by {sig}" + (": perhaps out of memory?" if sig == "SIGKILL" and not w.doomed else "")
-            else:
-                why = f"exited with code {os.WEXITSTATUS(status)}"
-            if not w.ready and not w.doomed and not self.stopping:
-                self.respawn_after = time.monotonic() + BOOT_BACKOFF_S
-                LOG.error("Worker %d %s before it was ready: retrying in %ds", pid, why, BOOT_BACKOFF_S)
-            if w.doomed:
-                LOG.debug("Worker %d stopped (%s)", pid, w.doomed)
-            elif not self.stopping:
-                LOG.error("Worker %d %s", pid, why)
-            if w.job is not None:  # died on its own while working
-                self.counters.crashes += 1
-                self.settle_failure(w.job, "WORKER_CRASHED", f"The worker processing this job was {why}", True)
+        """Every dead child: forget it, settle its job, clean up after it."""
+        for pid, status in self.pool.processes.reap():
+            w = self.pool.reaped(pid)
+            if w is not None:
+                self.on_reaped(w, status)
 
-    def _forget(self, w: Worker) -> None:
-        try:
-            self.selector.unregister(w.sock)
-        except (KeyError, ValueError):
-            pass
-        w.sock.close()
-        if self.workers.get(w.slot) is w:
-            del self.workers[w.slot]
+    def on_reaped(self, w: Worker, status: int) -> None:
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            why = f"killed by {sig}" + (": perhaps out of memory?" if sig == "SIGKILL" and not w.stop_reason else "")
+        else:
+            why = f"exited with code {os.WEXITSTATUS(status)}"
+        if w.writing and not self.pool.running(w.writing):
+            # killed or crashed mid-job: no half-written output stays behind
+            # (unless the job's retry already runs on another worker)
+            self.storage.remove_partial_output(w.writing)
+        if w.stop_reason:
+            LOG.debug("Worker %d stopped (%s): %s", w.pid, w.stop_reason, why)
+        elif not self.stopping:
+            LOG.error("Worker %d %s", w.pid, why)
+        if not w.ready and not self.stopping:
+            self.boot_failed(f"{w.pid} {why}")
+        if w.job is not None:  # died on its own while working
+            self.counters.crashes += 1
+            self.settle_failure(w.job, ErrorCode.WORKER_CRASHED, f"The worker processing this job was {why}")
+
+    def boot_failed(self, what: str) -> None:
+        """A worker died (or could not be started) before it was ready."""
+        self.boot_failures += 1
+        self.last_boot_error = f"worker {what} before it was ready"
+        if self.boot_failures >= BOOT_FAILURE_LIMIT:
+            LOG.error("Workers failed to start %d times in a row (last: %s): stopping", self.boot_failures,
+                      self.last_boot_error)
+            self.exit_code = EXIT_BOOT_FAILURE
+            self.begin_stop()
+            return
+        delay = min(BOOT_BACKOFF_MAX_S, BOOT_BACKOFF_S * 2 ** (self.boot_failures - 1))
+        self.respawn_after = self.clock() + delay
+        LOG.error("Worker %s before it was ready: retrying in %gs", what, delay)
 
     def murder_workers(self) -> None:
-        """Kill workers whose job ran past JOB_TIMEOUT_MS; SIGKILL after the grace."""
-        now = time.monotonic()
-        timeout = self.cfg.job_timeout_ms / 1000
-        for w in list(self.workers.values()):
-            if w.kill_at is not None and now >= w.kill_at:
-                self._signal_group(w, signal.SIGKILL)
-                w.kill_at = float("inf")
-            if w.busy and now - w.started >= timeout:
-                job = w.job
-                w.job = None
-                w.doomed = "timeout"
+        """Stop workers whose job ran past JOB_TIMEOUT_MS, and workers not
+        ready within BOOT_TIMEOUT_S. Their SIGKILL follows in Pool.escalate."""
+        now = self.clock()
+        timeout_s = self.cfg.job_timeout_ms / 1000
+        for w in self.pool.in_state(WorkerState.BUSY):
+            if now - w.job_started >= timeout_s:
                 self.counters.timeouts += 1
                 LOG.warning("Job timed out after %dms: killing worker %d", self.cfg.job_timeout_ms, w.pid,
-                            extra={"job": job["id"]})
-                self._signal_group(w, signal.SIGTERM)
-                w.kill_at = now + KILL_GRACE_S
-                self.settle_failure(job, "TIMEOUT", f"Processing took longer than {self.cfg.job_timeout_ms}ms", True)
-                # the slot is refilled as soon as the old worker is reaped
-                del self.workers[w.slot]
+                            extra={"job": w.job.id})
+                job = self.pool.stop(w, "timeout", KILL_GRACE_S, signal.SIGTERM)
+                self.settle_failure(job, ErrorCode.TIMEOUT, f"Processing took longer than {self.cfg.job_timeout_ms}ms")
+        for w in self.pool.in_state(WorkerState.STARTING):
+            if now - w.spawned_at >= BOOT_TIMEOUT_S:
+                LOG.error("Worker %d not ready after %gs: killing it", w.pid, BOOT_TIMEOUT_S)
+                self.pool.stop(w, "not ready in time", KILL_GRACE_S, signal.SIGTERM)
 
-    def _signal_group(self, w: Worker, sig: int) -> None:
-        for kill in (lambda: os.killpg(w.pid, sig), lambda: os.kill(w.pid, sig)):
-            try:
-                kill()
-                return
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                continue
+    def recycle(self, w: Worker) -> None:
+        LOG.warning("Worker %d uses %d MB (limit %d MB): replacing it", w.pid, w.rss_mb, self.cfg.worker_max_rss_mb)
+        self.counters.recycled += 1
+        self.pool.stop(w, "recycled for memory", RECYCLE_GRACE_S, sig=None)  # EOF makes it exit
 
-    # -- jobs ----------------------------------------------------------------------------
-    def assign_jobs(self) -> None:
-        if self.stopping:
-            return
-        idle = [w for w in self.workers.values() if w.ready and not w.busy and not w.doomed and not w.retire]
-        if not idle:
-            return
-        if not self.memory_allows() or not self.storage_allows():
-            return
-        for w in idle:
-            job = self.queue.claim(self.id, self.lease_ms)
-            if job is None:
-                return
-            self.start_job(w, job)
-
-    def start_job(self, w: Worker, job: dict[str, Any]) -> None:
-        w.job = job
-        w.writing = job["id"]
-        w.started = time.monotonic()
-        self.counters.started += 1
-        msg = {
-            "id": job["id"], "input": job["input_path"], "outDir": str(self.storage.processed),
-            "name": job["original_name"], "options": job["options"], "limits": self.limits.__dict__,
-            "testHooks": self.cfg.env == "test",
-        }
-        LOG.info("Job started processing (attempt %d/%d, worker %d)", job["attempts"], self.cfg.max_attempts,
-                 w.pid, extra={"job": job["id"]})
-        try:
-            send(w.sock, msg)
-        except OSError:
-            pass  # the worker is dying; reap_workers settles the job
-
+    # -- messages from workers ---------------------------------------------------------------
     def on_message(self, w: Worker) -> None:
         try:
             msg = recv(w.sock)
         except (OSError, ValueError):
             msg = None
-        if msg is None:  # EOF: the process is dead or dying; reaping settles it
-            self._signal_group(w, signal.SIGKILL)
-            try:
-                self.selector.unregister(w.sock)
-            except (KeyError, ValueError):
-                pass
-            return
-        if "ready" in msg:
-            w.ready = True
-            self.heartbeat()  # publish the pool's strength at once (a rare event)
+        if msg is None:  # EOF: the process is dead or dying; reaping settles its job
+            self.pool.lost(w)
+        elif "ready" in msg:
+            self.on_ready(w)
+        else:
+            self.on_outcome(w, msg)
+
+    def on_ready(self, w: Worker) -> None:
+        self.pool.ready(w)
+        self.boot_failures, self.last_boot_error = 0, None
+        self.heartbeat()  # publish the pool's strength at once (a rare event)
+
+    def on_outcome(self, w: Worker, msg: dict[str, Any]) -> None:
+        try:
+            report = parse_report(msg)
+        except (ValueError, TypeError, KeyError) as exc:
+            LOG.error("Worker %d sent a malformed message (%s): killing it", w.pid, exc)
+            self.pool.lost(w)
             return
         job = w.job
-        if job is None or msg.get("id") != job["id"]:
+        if job is None or report.job_id != job.id:
             return  # a late answer for a job we already gave up on
-        w.job = w.writing = None
-        w.jobs_done += 1
-        w.rss_mb = int(msg.get("rssMb") or 0)
-        elapsed = round((time.monotonic() - w.started) * 1000)
+        elapsed = round((self.clock() - w.job_started) * 1000)
+        self.pool.finish(w)
+        w.rss_mb = report.rss_mb
         over_rss = w.rss_mb > self.cfg.worker_max_rss_mb
-        if msg["ok"]:
-            result = msg["result"]
-            output = str(self.storage.processed / result["processedFile"]["filename"])
-            if not over_rss and not self.stopping and self.memory_allows():
-                # the common path: settle and take the next job in one commit
-                done, following = self.queue.complete_and_claim(job["id"], self.id, result, output, self.lease_ms)
-            else:
-                done, following = self.queue.complete(job["id"], self.id, result, output), None
-            if done:
-                self.counters.observe(elapsed, result)
-                LOG.info("Job completed in %dms", elapsed, extra={"job": job["id"]})
-                self.storage.discard_upload(job["input_path"])  # a completed job is never retried
-            if following is not None:
-                self.start_job(w, following)
+        if report.outcome is not None:
+            self.on_done(w, job, report.outcome, elapsed, take_next=not over_rss)
         else:
-            if msg.get("detail"):  # decoder internals and paths: for the operator, not the client
-                LOG.info("Failure detail: %s", msg["detail"], extra={"job": job["id"]})
-            self.settle_failure(job, msg["code"], msg["message"], bool(msg.get("transient")))
+            if report.detail:  # decoder internals and paths: for the operator, not the client
+                LOG.info("Failure detail: %s", report.detail, extra={"job": job.id})
+            self.settle_failure(job, report.code, report.message)
         if over_rss:
-            LOG.warning("Worker %d uses %d MB (limit %d MB): replacing it", w.pid, w.rss_mb, self.cfg.worker_max_rss_mb)
-            self.counters.recycled += 1
-            w.retire = True
-            w.doomed = "recycled for memory"
-            w.sock.close()  # EOF makes it exit; reaping frees the slot
-            try:
-                self.selector.unregister(w.sock)
-            except (KeyError, ValueError):
-                pass
+            self.recycle(w)
 
-    def settle_failure(self, job: dict[str, Any], code: str, message: str, transient: bool) -> None:
-        if code == "IO_ERROR":
-            self.storage_allows(check=True)
-        outcome = self.queue.fail(job["id"], self.id, code, message, transient, self.policy)
-        if outcome is None:
+    def on_done(self, w: Worker, job: Job, outcome: Outcome, elapsed_ms: int, take_next: bool) -> None:
+        output = str(self.storage.processed / output_filename(job.id, outcome.output_format))
+        if take_next and not self.stopping and self.memory_allows():
+            # the common path: settle and take the next job in one commit
+            done, following = self.store.complete_and_claim(job.id, self.id, outcome, output, self.lease_ms)
+        else:
+            done, following = self.store.complete(job.id, self.id, outcome, output), None
+        if done:
+            self.counters.observe(elapsed_ms, outcome)
+            LOG.info("Job completed in %dms", elapsed_ms, extra={"job": job.id})
+            self.storage.discard_upload(job.input_path)  # a completed job is never retried
+        if following is not None:
+            self.start_job(w, following)
+
+    # -- jobs ----------------------------------------------------------------------------
+    def assign_jobs(self) -> None:
+        if self.stopping:
             return
-        status, run_at = outcome
-        if status == "retrying":
+        idle = self.pool.in_state(WorkerState.IDLE)
+        if not idle or not self.memory_allows() or not self.storage_allows():
+            return
+        for w in idle:
+            job = self.store.claim(self.id, self.lease_ms)
+            if job is None:
+                return
+            self.start_job(w, job)
+
+    def start_job(self, w: Worker, job: Job) -> None:
+        self.pool.assign(w, job)
+        self.counters.started += 1
+        LOG.info("Job started processing (attempt %d/%d, worker %d)", job.attempts, self.cfg.max_attempts,
+                 w.pid, extra={"job": job.id})
+        try:
+            send(w.sock, job_message(job.id, job.input_path, str(self.storage.processed), job.options, self.limits))
+        except OSError:
+            pass  # the worker is dying; reaping settles the job
+
+    def settle_failure(self, job: Job, code: ErrorCode, message: str) -> None:
+        """Record a failed attempt; retried or not is the code's business."""
+        if code == ErrorCode.IO_ERROR:
+            self.storage_allows(check=True)
+        settled = self.store.fail(job.id, self.id, code, message, code.transient, self.policy)
+        if settled is None:
+            return
+        if settled.status == JobStatus.RETRYING:
             self.counters.retried += 1
-            LOG.warning("Job failed: %s (%s); retry scheduled at %s", message, code,
-                        time.strftime("%H:%M:%S", time.gmtime(run_at / 1000)) + f".{run_at % 1000:03d}Z",
-                        extra={"job": job["id"]})
+            LOG.warning("Job failed: %s (%s); retry scheduled at %s", message, code, hms(settled.run_at),
+                        extra={"job": job.id})
         else:
             self.counters.failed += 1
             self.counters.failed_by_code[code] = self.counters.failed_by_code.get(code, 0) + 1
-            LOG.warning("Job failed: %s (%s)", message, code, extra={"job": job["id"]})
+            LOG.warning("Job failed: %s (%s)", message, code, extra={"job": job.id})
 
-    # -- storage ---------------------------------------------------------------------------
-    def storage_allows(self, check: bool = False) -> bool:
-        """After a job's I/O error, claim nothing while a data directory
-        cannot be written (read-only, permissions, no inodes or space),
-        rechecked every STORAGE_CHECK_S: jobs wait in the queue instead of
-        spending their retries on a disk that cannot take them."""
-        now = time.monotonic()
-        if (check or self.storage_problems) and now - self.storage_checked >= STORAGE_CHECK_S:
-            problems = self.storage.unwritable()
-            if problems and not self.storage_problems:
-                LOG.error("Paused claiming jobs: data directory not writable: %s", "; ".join(problems))
-            elif self.storage_problems and not problems:
-                LOG.info("Resumed claiming jobs: data directory writable again")
-            self.storage_problems, self.storage_checked = problems, now
-        return not self.storage_problems
-
-    # -- memory ----------------------------------------------------------------------------
     def memory_allows(self) -> bool:
         self.memory = self.memprobe.read()
         pct = self.memory["percent"]
@@ -536,12 +485,28 @@ class Supervisor:
             self.heartbeat()
         return not self.paused
 
+    # -- storage ---------------------------------------------------------------------------
+    def storage_allows(self, check: bool = False) -> bool:
+        """After a job's I/O error, claim nothing while a data directory
+        cannot be written (read-only, permissions, no inodes or space),
+        rechecked every STORAGE_CHECK_S: jobs wait in the queue instead of
+        spending their retries on a disk that cannot take them."""
+        now = self.clock()
+        if (check or self.storage_problems) and now - self.storage_checked >= STORAGE_CHECK_S:
+            problems = self.storage.unwritable()
+            if problems and not self.storage_problems:
+                LOG.error("Paused claiming jobs: data directory not writable: %s", "; ".join(problems))
+            elif self.storage_problems and not problems:
+                LOG.info("Resumed claiming jobs: data directory writable again")
+            self.storage_problems, self.storage_checked = problems, now
+        return not self.storage_problems
+
     # -- periodic work --------------------------------------------------------------------
     def housekeeping(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + HEARTBEAT_S
-            if not self.busy_count():
+            if not self.pool.busy:
                 self.memory = self.memprobe.read()
             self.heartbeat()
             self.recover()
@@ -549,29 +514,27 @@ class Supervisor:
         if now >= self.next_cleanup:
             self.next_cleanup = now + self.cfg.cleanup_interval_ms / 1000
             try:
-                self.storage.cleanup(self.queue, self.cfg.job_retention_ms)
-                self.queue.checkpoint()
+                Housekeeper(self.store, self.storage).cleanup(self.cfg.job_retention_ms)
+                self.store.maintain()
             except Exception:
                 LOG.exception("Cleanup failed")
 
-    def busy_count(self) -> int:
-        return sum(w.busy for w in self.workers.values())
-
     def state(self) -> dict[str, Any]:
-        workers = list(self.workers.values())
         return {
             "node": self.id,
             "paused": self.paused,
             "pauseReason": self.pause_reason,
             "stopping": self.stopping,
-            "workers": {"configured": self.cfg.max_concurrent_jobs, "alive": sum(w.ready for w in workers),
-                        "busy": sum(w.busy for w in workers)},
-            "pool": [{"slot": w.slot, "pid": w.pid, "busy": w.busy, "jobId": w.job["id"] if w.job else None,
-                      "rssMb": w.rss_mb, "jobsDone": w.jobs_done} for w in workers],
+            "workers": {"configured": self.cfg.max_concurrent_jobs, "alive": self.pool.alive, "busy": self.pool.busy},
+            "pool": [{"slot": w.slot, "pid": w.pid, "state": w.state.value, "busy": w.busy,
+                      "jobId": w.job.id if w.job else None, "rssMb": w.rss_mb, "jobsDone": w.jobs_done}
+                     for w in sorted(self.pool, key=lambda w: w.slot)],
+            "bootFailures": self.boot_failures,
+            "lastBootError": self.last_boot_error,
             "memory": self.memory,
             "storage": self.storage_problems or "ok",
             "counters": {**self.counters.__dict__},
-            "uptime": round(time.monotonic() - self.started_mono, 1),
+            "uptime": round(self.clock() - self.started_mono, 1),
         }
 
     def heartbeat(self) -> None:
@@ -579,26 +542,26 @@ class Supervisor:
         still turns (only when the database write worked: a supervisor that
         cannot reach its database is better restarted)."""
         try:
-            self.queue.heartbeat(self.id, self.cfg.node_name, os.getpid(), self.started_ms, self.state())
+            self.store.heartbeat(self.id, self.cfg.node_name, os.getpid(), self.started_ms, self.state())
         except Exception:
             LOG.exception("Heartbeat failed")
             return
         if not self.announced:
             return
-        busy = self.busy_count()
         notify.notify("WATCHDOG=1", f"STATUS={'paused: ' + self.pause_reason if self.paused else 'running'}, "
-                      f"{busy}/{self.cfg.max_concurrent_jobs} workers busy")
+                      f"{self.pool.busy}/{self.cfg.max_concurrent_jobs} workers busy")
 
     def recover(self, first: bool = False) -> None:
         """Take back jobs of dead supervisors and expired leases. At start,
         when no other supervisor is alive, also delete half-written outputs
         of the previous run."""
         try:
-            others = [s for s in self.queue.supervisors() if s["id"] != self.id]
-            dead = [s["id"] for s in others if _is_dead(s, self.cfg.node_name)]
-            for job_id, status in self.queue.recover(dead, self.policy):
-                LOG.warning("Recovered from a stopped worker or supervisor: now %s", status, extra={"job": job_id})
-            self.queue.remove_supervisors(dead)
+            others = [s for s in self.store.supervisors() if s.id != self.id]
+            dead = [s.id for s in others if _is_dead(s, self.cfg.node_name)]
+            for found in self.store.recover(dead, self.policy):
+                LOG.warning("Recovered from a stopped worker or supervisor: now %s", found.status,
+                            extra={"job": found.job_id})
+            self.store.remove_supervisors(dead)
             if first and len(dead) == len(others):
                 removed = self.storage.remove_partial_outputs()
                 if removed:
@@ -607,7 +570,10 @@ class Supervisor:
             LOG.exception("Recovery failed")
 
     def sleep(self) -> None:
-        timeout = self._next_wakeup()
+        self.poll(self._next_wakeup())
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for a signal, a wake-up or a worker's message, and handle it."""
         for key, _ in self.selector.select(timeout):
             if key.data == "signal":
                 try:
@@ -618,26 +584,23 @@ class Supervisor:
             elif key.data == "wake":
                 if not self.wake.drain():  # the database went away: listen again at the next heartbeat
                     self.unlisten()
-            elif isinstance(key.data, Worker):
+            elif isinstance(key.data, Worker) and key.data.state != WorkerState.STOPPING:
                 self.on_message(key.data)
 
     def _next_wakeup(self) -> float:
-        now = time.monotonic()
+        now = self.clock()
         deadlines = [self.next_heartbeat, now + POLL_S]
         if self.respawn_after > now:
             deadlines.append(self.respawn_after)
-        timeout_s = self.cfg.job_timeout_ms / 1000
-        for w in self.workers.values():
-            if w.busy:
-                deadlines.append(w.started + timeout_s)
-            if w.kill_at is not None:
-                deadlines.append(w.kill_at)
+        pool_deadline = self.pool.next_deadline(self.cfg.job_timeout_ms / 1000)
+        if pool_deadline is not None:
+            deadlines.append(pool_deadline)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
-        elif any(w.ready and not w.busy for w in self.workers.values()) and not self.paused:
-            run_at = self.queue.next_run_at()  # a delayed retry starts on time, not at the next poll
+        elif self.pool.in_state(WorkerState.IDLE) and not self.paused:
+            run_at = self.store.next_run_at()  # a delayed retry starts on time, not at the next poll
             if run_at is not None:
-                deadlines.append(now + max(0.0, run_at / 1000 - time.time()))
+                deadlines.append(now + max(0.0, (run_at - now_ms()) / 1000))
         return max(0.0, min(deadlines) - now)
 
 
@@ -647,18 +610,18 @@ def worker_memory_cap_mb(max_rss_mb: int) -> int:
     return max(256, 2 * max_rss_mb)
 
 
-def _is_dead(sup: dict[str, Any], node_name: str) -> bool:
+def _is_dead(sup: SupervisorRow, node_name: str) -> bool:
     """A supervisor row whose process is gone: same node (NODE_NAME, the host
     name by default) and the pid is not alive (or is another process now),
     or silent for DEAD_AFTER_MS. A pid means nothing on another host: there,
-    its jobs come back when their lease expires (queue.recover)."""
-    if sup["hostname"] == node_name:
+    its jobs come back when their lease expires (store.recover)."""
+    if sup.hostname == node_name:
         try:
-            proc = psutil.Process(sup["pid"])
-            return abs(proc.create_time() * 1000 - sup["started_at"]) > 5000 or proc.status() == psutil.STATUS_ZOMBIE
+            proc = psutil.Process(sup.pid)
+            return abs(proc.create_time() * 1000 - sup.started_at) > 5000 or proc.status() == psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return True
-    return time.time() * 1000 - sup["heartbeat_at"] > DEAD_AFTER_MS
+    return now_ms() - sup.heartbeat_at > DEAD_AFTER_MS
 
 
 def run(cfg: config_mod.Config) -> int:

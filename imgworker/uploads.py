@@ -20,6 +20,7 @@ from multipart import MultipartError, PushMultipartParser, parse_options_header
 
 from .errors import InvalidParameter, ServiceError
 from .storage import temp_upload_prefix
+from .model import ErrorCode
 
 CHUNK = 64 * 1024
 MAX_FIELD_BYTES = 1024      # option values are short numbers or names
@@ -67,7 +68,7 @@ def read_form(environ: dict, tmp_dir: Path, file_fields: tuple[str, ...], max_fi
     not multipart or is malformed; on any error nothing is left on disk."""
     ctype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
     if ctype != "multipart/form-data" or not options.get("boundary"):
-        raise ServiceError("Send the image as multipart/form-data (field 'image' or 'images')", "NO_FILE", 400)
+        raise ServiceError("Send the image as multipart/form-data (field 'image' or 'images')", ErrorCode.NO_FILE)
     try:
         length = int(environ.get("CONTENT_LENGTH") or -1)
     except ValueError:

@@ -5,57 +5,22 @@ in its own process group, with one end of a socketpair as FD and an address
 space capped at MAX_MB. It opens no database (the
 supervisor writes every outcome) and inherits no connection (close_fds).
 
-Protocol: length-prefixed JSON messages (never pickle: a worker that a
-hostile image managed to subvert must not be able to run code in the
-supervisor). Supervisor -> worker: a job. Worker -> supervisor: its outcome.
-EOF on the socket means "exit".
+Protocol: see wire.py (length-prefixed JSON; a job in, its outcome out;
+EOF means "exit").
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import signal
 import socket
-import struct
 import sys
-import time
 from typing import Any
 
-_HEADER = struct.Struct(">I")
-MAX_MESSAGE = 16 * 2**20
+from .wire import done_message, failed_message, recv, send
 
-
-def send(sock: socket.socket, obj: Any) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _read_exact(sock: socket.socket, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv(sock: socket.socket) -> Any | None:
-    """One message, or None at EOF. Raises ValueError on a malformed frame."""
-    head = _read_exact(sock, _HEADER.size)
-    if head is None:
-        return None
-    (length,) = _HEADER.unpack(head)
-    if length > MAX_MESSAGE:
-        raise ValueError(f"message of {length} bytes")
-    body = _read_exact(sock, length)
-    if body is None:
-        return None
-    return json.loads(body)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -82,29 +47,23 @@ def _rss_mb() -> int:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job message through the pipeline; returns the outcome message."""
     from .errors import ImageError
-    from .imaging import Limits, process
+    from .imaging import process
+    from .limits import Limits
+    from .model import ErrorCode
 
-    options = dict(job["options"])
-    if job.get("testHooks") and options.get("_testSleepMs"):
-        # Test-only stand-in for a decode stuck in C code. The supervisor sets
-        # testHooks only under APP_ENV=test and the API never stores `_` options.
-        time.sleep(options["_testSleepMs"] / 1000)
-    options = {k: v for k, v in options.items() if not k.startswith("_")}
     try:
-        result = process(job["input"], job["outDir"], job["id"], options, Limits(**job["limits"]), job["name"])
-        return {"id": job["id"], "ok": True, "result": result}
+        outcome = process(job["input"], job["outDir"], job["id"], job["options"], Limits.from_wire(job["limits"]))
+        return done_message(job["id"], outcome)
     except ImageError as exc:
-        return {"id": job["id"], "ok": False, "code": exc.code, "message": exc.message, "transient": exc.transient,
-                "detail": exc.detail}
-    except MemoryError:
-        return {"id": job["id"], "ok": False, "code": "OUT_OF_MEMORY",
-                "message": "The worker ran out of memory processing this image", "transient": True}
-    except Exception as exc:  # a bug, not the image's fault: report it, keep the worker
+        return failed_message(job["id"], exc.code, exc.message, exc.detail)
+    except MemoryError:  # the address-space cap: this image needs more than a worker may have
+        return failed_message(job["id"], ErrorCode.IMAGE_TOO_LARGE, "The image needs more memory than the worker has")
+    except Exception:  # a bug, not the image's fault: report it, keep the worker
         import traceback
 
-        return {"id": job["id"], "ok": False, "code": "PROCESSING_ERROR",
-                "message": "The image could not be processed (a server error; the operator can see it in the log)",
-                "transient": False, "detail": traceback.format_exc(limit=4)[-1500:]}
+        return failed_message(job["id"], ErrorCode.PROCESSING_ERROR,
+                              "The image could not be processed (a server error; the operator can see it in the log)",
+                              traceback.format_exc(limit=4)[-1500:])
 
 
 def _cap_memory(max_mb: int) -> None:
@@ -138,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         outcome = run_job(job)
         outcome["rssMb"] = _rss_mb()
-        outcome["maxRssMb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         try:
             send(sock, outcome)
         except OSError:

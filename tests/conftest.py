@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from imgworker import config as config_mod
-from imgworker.queue import JobQueue, NewJob
+from imgworker.model import Outcome
+from imgworker.store import NewJob
+from imgworker.store.sqlite import SqliteStore
 
 from helpers import image_bytes  # noqa: F401  (re-exported for fixtures)
 
@@ -31,36 +33,42 @@ def make_config(tmp_path):
     return build
 
 
-@pytest.fixture
-def cfg(make_config):
-    return make_config()
+def _sqlite_store(request, tmp_path):
+    return SqliteStore(tmp_path / "queue.db")
+
+
+def _postgres_store(request, tmp_path):
+    """A fresh database on the private PostgreSQL server (pg_url skips
+    when the server cannot be had)."""
+    from imgworker.store.postgres import PgStore
+
+    return PgStore(request.getfixturevalue("pg_url"))
+
+
+# Every JobStore implementation, by name: the contract suite
+# (test_store_contract.py) runs once per entry.
+STORE_FACTORIES = {"sqlite": _sqlite_store, "postgres": _postgres_store}
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+def store(request, tmp_path):
+    """A migrated, empty job store of each implementation."""
+    s = STORE_FACTORIES[request.param](request, tmp_path)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def make_outcome(processing_ms=10, **fields):
+    """An Outcome for store tests (a 100-byte JPEG made into a 40-byte WebP)."""
+    values = dict(processing_ms=processing_ms, input_format="jpeg", input_size=100, input_width=64,
+                  input_height=48, output_format="webp", output_size=40, output_width=64, output_height=48)
+    values.update(fields)
+    return Outcome(**values)
 
 
 @pytest.fixture
-def queue(tmp_path):
-    q = JobQueue(tmp_path / "queue.db")
-    q.migrate()
-    yield q
-    q.close()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_queue(request, tmp_path):
-    """The queue contract's subject, once per store: a SQLite file and a
-    fresh database on the private PostgreSQL server."""
-    if request.param == "sqlite":
-        q = JobQueue(tmp_path / "queue.db")
-    else:
-        from imgworker.pgqueue import PgJobQueue
-
-        q = PgJobQueue(request.getfixturevalue("pg_url"))
-    q.migrate()
-    yield q
-    q.close()
-
-
-@pytest.fixture
-def add_jobs(queue, tmp_path):
+def add_jobs(store, tmp_path):
     """Enqueue n jobs; returns their ids in submission order."""
     counter = iter(range(10**9))
 
@@ -73,7 +81,7 @@ def add_jobs(queue, tmp_path):
             ids.append(job_id)
             jobs.append(NewJob(job_id, str(tmp_path / f"in-{i}"), f"f{i}.jpg", 10,
                                priority=priority, options=options, batch_id=batch_id))
-        queue.enqueue(jobs, max_queue, max_attempts)
+        store.enqueue(jobs, max_queue, max_attempts)
         return ids
 
     return add
@@ -118,14 +126,17 @@ class Service:
         from imgworker.storage import Storage
 
         self.tmp_path = tmp_path
+        # tests/hooks/sitecustomize.py gives these processes the `_testSleepMs` job option
+        hooks = str(Path(__file__).resolve().parent / "hooks")
+        pythonpath = os.pathsep.join(p for p in (hooks, os.environ.get("PYTHONPATH")) if p)
         self.env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "APP_ENV": "test", "LOG_LEVEL": "info",
-                    **{k: str(v) for k, v in env.items()}}
+                    "PYTHONPATH": pythonpath, "IMGWORKER_TEST_HOOKS": "1", **{k: str(v) for k, v in env.items()}}
         self.command = command
         self.log_path = tmp_path / f"{command}.log"
         self.storage = Storage(tmp_path / "data")
         self.storage.ensure()
-        self.queue = JobQueue(tmp_path / "data" / "imgworker.db")
-        self.queue.migrate()
+        self.store = SqliteStore(tmp_path / "data" / "imgworker.db")
+        self.store.migrate()
         self.proc = None
         self._subprocess = subprocess
 
@@ -141,21 +152,20 @@ class Service:
 
     def submit(self, data, priority=0, name="img.jpg", max_attempts=None, **options):
         import uuid
-        from imgworker import wakeup
 
         job_id = uuid.uuid4().hex
         if max_attempts is None:
             max_attempts = int(self.env.get("MAX_RETRIES", 3)) + 1
         path = self.storage.uploads / f"{job_id}.bin"
         path.write_bytes(data)
-        self.queue.enqueue([NewJob(job_id, str(path), name, len(data), priority=priority, options=options)],
+        self.store.enqueue([NewJob(job_id, str(path), name, len(data), priority=priority, options=options)],
                            10**6, max_attempts)
-        wakeup.notify(self.queue.path)
+        self.store.notify()
         return job_id
 
     def state(self):
-        sups = self.queue.supervisors()
-        return sups[0]["state"] if sups else {}
+        sups = self.store.supervisors()
+        return sups[0].state if sups else {}
 
     def stop(self, sig=None):
         import signal as _signal
@@ -234,7 +244,7 @@ def api_server(make_config):
     def start(**overrides):
         cfg = make_config(**overrides)
         server = make_server(cfg, port=0)
-        server.api.queue.migrate()
+        server.api.store.migrate()
         stop = threading.Event()
         thread = threading.Thread(target=serve, args=(server, stop), daemon=True)
         thread.start()
@@ -246,4 +256,4 @@ def api_server(make_config):
         stop.set()
         thread.join(timeout=5)
         server.task_dispatcher.shutdown(timeout=2)
-        server.api.queue.close()
+        server.api.store.close()

@@ -117,8 +117,8 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
     thread.join(timeout=300)
     assert done.is_set(), "submitter did not finish"
     wait_for(lambda: healthy(http), 30, 0.1)
-    q = svc.queue
-    wait_for(lambda: q.stats()["byStatus"]["completed"] + q.stats()["byStatus"]["failed"] >= len(q.list(limit=10**6)),
+    q = svc.store
+    wait_for(lambda: q.stats().by_status["completed"] + q.stats().by_status["failed"] >= len(q.list(limit=10**6)),
              240, 0.25, "every job finished")
     rows = q.list(limit=10**6)
     outputs = sorted(p.name for p in svc.storage.processed.iterdir())
@@ -128,13 +128,13 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
     svc.stop()
     return {
         "accepted": len(accepted), "rows": len(rows),
-        "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
-        "lost": sorted(set(accepted) - {r["id"] for r in rows}),
-        "not_completed": [(r["id"], r["status"], r["error_code"]) for r in rows if r["status"] != "completed"],
-        "outputs_ok": outputs == sorted(f"processed_{r['id']}.webp" for r in rows),
-        "outputs_unexpected": sorted(set(outputs) - {f"processed_{r['id']}.webp" for r in rows}),
-        "outputs_missing": sorted({f"processed_{r['id']}.webp" for r in rows} - set(outputs)),
-        "orphan_uploads": sorted(uploads - {r["id"] for r in rows}),
+        "statuses": {s: sum(r.status == s for r in rows) for s in {r.status for r in rows}},
+        "lost": sorted(set(accepted) - {r.id for r in rows}),
+        "not_completed": [(r.id, r.status, r.error_code) for r in rows if r.status != "completed"],
+        "outputs_ok": outputs == sorted(f"processed_{r.id}.webp" for r in rows),
+        "outputs_unexpected": sorted(set(outputs) - {f"processed_{r.id}.webp" for r in rows}),
+        "outputs_missing": sorted({f"processed_{r.id}.webp" for r in rows} - set(outputs)),
+        "orphan_uploads": sorted(uploads - {r.id for r in rows}),
         "tmp_files": sorted(p.name for p in svc.storage.tmp.iterdir()),
         "recovered": log.count("Recovered from a stopped worker or supervisor"),
         "peak_rss_mb": rss,
@@ -294,7 +294,7 @@ out = tempfile.mkdtemp()
 for line in sys.stdin:
     path = line.strip()
     try:
-        process(path, out, "f", {}, Limits(max_input_pixels=4_000_000, max_animation_pixels=40_000_000), "x")
+        process(path, out, "f", {}, Limits(max_input_pixels=4_000_000, max_animation_pixels=40_000_000))
         print(json.dumps([path, "ok"]), flush=True)
     except ImageError as exc:
         print(json.dumps([path, exc.code]), flush=True)
@@ -370,16 +370,16 @@ def load(service: Callable, submissions: int, clients: int, queue_size: int, rat
         t.start()
     for t in threads:
         t.join()
-    q = svc.queue
-    wait_for(lambda: all(q.get(j)["status"] in FINAL for j in accepted[-50:]) and
-             q.stats()["currentQueueSize"] + q.stats()["currentProcessingCount"] == 0, 300, 0.25)
+    q = svc.store
+    wait_for(lambda: all(q.get(j).status in FINAL for j in accepted[-50:]) and
+             q.stats().waiting + q.stats().processing == 0, 300, 0.25)
     elapsed = time.monotonic() - t0
     rows = {j: q.get(j) for j in accepted}
     rss = peak_rss(psutil.Process(svc.proc.pid))
     svc.stop()
     return {
         "statuses": statuses, "accepted": len(accepted), "bad": bad, "seconds": round(elapsed, 1),
-        "not_completed": [(j, r["status"] if r else None) for j, r in rows.items() if not r or r["status"] != "completed"],
+        "not_completed": [(j, r.status if r else None) for j, r in rows.items() if not r or r.status != "completed"],
         "peak_rss_mb": rss,
     }
 
@@ -580,7 +580,7 @@ def decoder_attacks(service: Callable, full: bool) -> dict[str, Any]:
                 entry["well_formed"] = str(exc)
         stripped[name] = entry
     healthy_after = healthy(http)
-    jobs = svc.queue.stats()["totalJobs"]
+    jobs = svc.store.stats().total
     svc.stop()
     return {"checked": checked, "api_rss_mb": {"before": round(rss_before, 1), "peak": round(peak, 1)},
             "stripped": stripped, "healthy_after": healthy_after, "jobs": jobs}

@@ -43,7 +43,7 @@ def test_server_path(server, tmp_path):
     assert r.ok and r.source == "server" and r.fallback_reason is None
     assert r.output == str(tmp_path / "out" / "photo.webp")
     assert Image.open(r.output).size == (1024, 768)
-    assert svc.queue.stats()["completedJobs"] == 1
+    assert svc.store.stats().completed == 1
 
 
 def test_fallback_when_port_closed(tmp_path):
@@ -63,8 +63,8 @@ def test_fallback_on_503_queue_full(server, tmp_path):
     r1 = client.process_file(first, tmp_path / "out")
     assert r1.ok and r1.source == "local" and "did not finish it in 0.5 s" in r1.fallback_reason
     # the job given up on is cancelled on the server, not left to run later for nobody
-    (job,) = svc.queue.list()
-    assert job["status"] == "cancelled" and not client.abandoned
+    (job,) = svc.store.list()
+    assert job.status == "cancelled" and not client.abandoned
     svc.submit(image_bytes("PNG", (20, 20)))  # fills the queue (size 1)
     client.max_poll_time = 30
     second = write(tmp_path, "b.png", image_bytes("PNG", (60, 60)))
@@ -179,8 +179,8 @@ def test_cli_server_killed_mid_batch_no_file_processed_twice(server, service, tm
     if comes_back:
         assert "waiting up to 30 s" in stderr and "Server is back" in stderr
         assert all("on server... done" in line for line in lines)
-        jobs = again.queue.list(limit=100)
-        assert len(jobs) == 8 and {j["status"] for j in jobs} == {"completed"}
+        jobs = again.store.list(limit=100)
+        assert len(jobs) == 8 and {j.status for j in jobs} == {"completed"}
     else:
         assert any("on client (server unavailable" in line for line in lines)
         assert "could not be cancelled" in stderr  # the server is gone: say which jobs were left there
@@ -195,7 +195,7 @@ def test_cli_batch_size_follows_the_server_limit(server, tmp_path):
     r = run_cli(tmp_path, str(tmp_path / "in"), "--server", client.server_url, "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "12 processed, 0 failed" in r.stdout
-    batches = {j["batch_id"] for j in svc.queue.list(limit=100)}
+    batches = {j.batch_id for j in svc.store.list(limit=100)}
     assert len(batches) == 3  # 5 + 5 + 2
 
 

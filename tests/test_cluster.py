@@ -20,6 +20,7 @@ import pytest
 
 from conftest import wait_for
 from helpers import Http, free_port, image_bytes
+from imgworker.model import output_filename
 
 
 class Node:
@@ -92,9 +93,9 @@ def cluster(pg_url, tmp_path):
 
 
 def _store(pg_url):
-    from imgworker.pgqueue import PgJobQueue
+    from imgworker.store.postgres import PgStore
 
-    return PgJobQueue(pg_url)
+    return PgStore(pg_url)
 
 
 def _submit(nodes, count, photo):
@@ -115,16 +116,15 @@ def _completions(nodes):
 
 
 def _check_all_done(store, ids, nodes, shared):
-    rows = {j["id"]: j for j in (store.get(i) for i in ids)}
-    assert Counter(j["status"] for j in rows.values()) == {"completed": len(ids)}
+    rows = {j.id: j for j in (store.get(i) for i in ids)}
+    assert Counter(j.status for j in rows.values()) == {"completed": len(ids)}
     assert max(_completions(nodes).values()) == 1  # no job was completed twice
     for job in rows.values():
-        pf = job["result"]["processedFile"]
-        out = shared / "processed" / pf["filename"]
-        assert out.is_file() and out.stat().st_size == pf["size"]
+        out = shared / "processed" / output_filename(job.id, job.outcome.output_format)
+        assert out.is_file() and out.stat().st_size == job.outcome.output_size
     # any node serves any output
     survivor = [n for n in nodes if n.proc.poll() is None][0]
-    some = rows[ids[0]]["result"]["processedFile"]
+    some = survivor.http.get(f"/api/job/{ids[0]}").json["result"]["processedFile"]
     assert survivor.http.get(some["url"]).status == 200
 
 
@@ -161,25 +161,25 @@ def _kill_mid_run(nodes, pg_url, tmp_path, jobs):
     store = _store(pg_url)
     submitter = Submitter([a, b], jobs, image_bytes("JPEG", (1600, 1200), quality=90))
     submitter.start()
-    b_sup = wait_for(lambda: [s["id"] for s in store.supervisors() if s["pid"] in
+    b_sup = wait_for(lambda: [s.id for s in store.supervisors() if s.pid in
                               {p.pid for p in psutil.Process(b.proc.pid).children(recursive=True)}],
                      10, message="node1's supervisor row")[0]
 
     def b_holds_jobs():
-        done = store.stats()["byStatus"]["completed"]
-        held = [j["id"] for j in store.list("processing", 100) if j["lease_owner"] == b_sup]
+        done = store.stats().by_status["completed"]
+        held = [j.id for j in store.list("processing", 100) if j.lease_owner == b_sup]
         return held if done >= jobs // 10 and held else None
 
     held = wait_for(b_holds_jobs, 120, interval=0.01, message="node1 mid-run holding jobs")
     b.kill9()
     killed_at = time.monotonic()
     lease_s = (int(b.env["JOB_TIMEOUT_MS"]) + 10_000) / 1000  # supervisor.LEASE_GRACE_MS
-    wait_for(lambda: all(store.get(i)["status"] == "completed" for i in held), lease_s + 5, interval=0.05,
+    wait_for(lambda: all(store.get(i).status == "completed" for i in held), lease_s + 5, interval=0.05,
              message="the killed node's jobs finished by the other node")
     took = time.monotonic() - killed_at
     submitter.join(120)
     assert submitter.error is None and len(submitter.ids) == jobs
-    wait_for(lambda: store.stats()["byStatus"]["completed"] == jobs, 180, interval=0.2,
+    wait_for(lambda: store.stats().by_status["completed"] == jobs, 180, interval=0.2,
              message=f"all {jobs} jobs completed")
     _check_all_done(store, submitter.ids, [a, b], tmp_path / "shared-data")
     store.close()
@@ -210,13 +210,13 @@ def test_database_restart_mid_run(cluster, pg_url, pg_server, tmp_path):
     store = _store(pg_url)
     photo = image_bytes("JPEG", (1600, 1200), quality=90)
     ids = _submit([a, b], 60, photo)
-    wait_for(lambda: store.stats()["byStatus"]["completed"] >= 10, 60, interval=0.05, message="10 done")
+    wait_for(lambda: store.stats().by_status["completed"] >= 10, 60, interval=0.05, message="10 done")
     store.close()
     pg_server.ctl("restart")
     store = _store(pg_url)
     # both nodes keep serving: new jobs go in through each API and are processed
     ids += _submit([a, b], 10, image_bytes("PNG", (300, 200)))
-    wait_for(lambda: store.stats()["byStatus"]["completed"] == len(ids), 120, interval=0.2,
+    wait_for(lambda: store.stats().by_status["completed"] == len(ids), 120, interval=0.2,
              message=f"all {len(ids)} jobs completed")
     _check_all_done(store, ids, [a, b], tmp_path / "shared-data")
     assert a.proc.poll() is None and b.proc.poll() is None

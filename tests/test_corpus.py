@@ -12,6 +12,7 @@ from PIL import Image, ImageChops, ImageStat
 
 from imgworker.errors import ImageError
 from imgworker.imaging import Limits, process
+from imgworker.views import result_view
 
 from conftest import CORPUS
 
@@ -36,7 +37,7 @@ def files(folder):
 
 @pytest.mark.parametrize("name", files("good"))
 def test_good_files_process(corpus, tmp_path, name):
-    result = process(corpus / "good" / name, tmp_path, "j", {}, LIMITS, name)
+    result = result_view("j", name, process(corpus / "good" / name, tmp_path, "j", {}, LIMITS))
     out = Image.open(tmp_path / result["processedFile"]["filename"])
     out.load()
     w, h = result["processedFile"]["dimensions"].values()
@@ -47,7 +48,7 @@ def test_good_files_process(corpus, tmp_path, name):
 def test_edge_files_have_their_outcome(corpus, tmp_path, name):
     started = time.monotonic()
     try:
-        result = process(corpus / "edge" / name, tmp_path, "j", {}, LIMITS, name)
+        result = result_view("j", name, process(corpus / "edge" / name, tmp_path, "j", {}, LIMITS))
     except ImageError as exc:
         assert name in EDGE_REFUSED, f"{name} refused: {exc.code} {exc.message}"
         assert exc.code in EDGE_REFUSED[name]
@@ -66,7 +67,7 @@ def test_edge_files_have_their_outcome(corpus, tmp_path, name):
 def test_bad_files_refused_quickly(corpus, tmp_path, name):
     started = time.monotonic()
     with pytest.raises(ImageError) as err:
-        process(corpus / "bad" / name, tmp_path, "j", {}, LIMITS, name)
+        process(corpus / "bad" / name, tmp_path, "j", {}, LIMITS)
     assert err.value.code in REFUSAL_CODES and not err.value.transient
     assert time.monotonic() - started < 1.0
     assert not any(tmp_path.iterdir())
@@ -74,7 +75,7 @@ def test_bad_files_refused_quickly(corpus, tmp_path, name):
 
 def test_landscape_orientations_all_match_landscape_1(corpus, tmp_path):
     def render(n):
-        r = process(corpus / "good" / f"Landscape_{n}.jpg", tmp_path, f"l{n}", {"format": "png"}, LIMITS)
+        r = result_view(f"l{n}", "", process(corpus / "good" / f"Landscape_{n}.jpg", tmp_path, f"l{n}", {"format": "png"}, LIMITS))
         return Image.open(tmp_path / r["processedFile"]["filename"]).convert("L").resize((64, 43))
 
     reference = render(1)
@@ -92,7 +93,7 @@ out = tempfile.mkdtemp()
 for folder in sys.argv[1:]:
     for p in sorted(Path(folder).iterdir()):
         try:
-            process(p, out, "m", {}, Limits(), p.name)
+            process(p, out, "m", {}, Limits())
         except ImageError:
             pass
 print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))

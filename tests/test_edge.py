@@ -128,7 +128,7 @@ def test_low_disk_refuses_uploads_from_the_headers(api_server):
     assert status == 507 and json.loads(body)["code"] == "INSUFFICIENT_STORAGE"
     assert int(headers["retry-after"]) > 0
     assert http.get("/api/health").status in (200, 503)  # reads still work
-    assert api.queue.stats()["totalJobs"] == 0 and os.listdir(api.storage.tmp) == []
+    assert api.store.stats().total == 0 and os.listdir(api.storage.tmp) == []
 
 
 # -- item 3: the rate limit counts files and refuses from the headers ----------------------
@@ -138,7 +138,7 @@ def test_rate_limit_counts_files_and_refuses_from_headers(api_server):
     r = http.upload("/api/process/batch", files=files)
     assert r.status == 202 and len(r.json["jobs"]) == 3
     assert [x["code"] for x in r.json["rejected"]] == ["RATE_LIMITED"] * 2
-    assert api.queue.stats()["totalJobs"] == 3 and os.listdir(api.storage.tmp) == []
+    assert api.store.stats().total == 3 and os.listdir(api.storage.tmp) == []
     # over the limit: 429 on the headers, with 100 MB announced and none sent
     status, headers, body = exchange(http.port, post_head("/api/process/batch", 100 * 2**20))
     assert status == 429 and json.loads(body)["code"] == "RATE_LIMITED"
@@ -209,7 +209,7 @@ def test_client_priority_is_capped(api_server):
     assert high.status == 202 and low.status == 202
     assert http.get(high.json["statusUrl"]).json["priority"] == 5
     assert http.get(low.json["statusUrl"]).json["priority"] == -7
-    assert api.queue.get(high.json["jobId"])["priority"] == 5
+    assert api.store.get(high.json["jobId"]).priority == 5
 
 
 def test_default_priority_cap_is_documented_default(api_server):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from imgworker import config, formats, imaging, isobmff
 from imgworker.errors import ImageError
+from imgworker.views import result_view
 
 from helpers import image_bytes
 
@@ -39,7 +40,7 @@ def encode(im, fmt, **save):
 def run(tmp_path, data, name="in", limits=ALL, **options):
     src = tmp_path / name
     src.write_bytes(data)
-    result = imaging.process(src, tmp_path, "job", options, limits, name)
+    result = result_view("job", name, imaging.process(src, tmp_path, "job", options, limits))
     out = Image.open(tmp_path / result["processedFile"]["filename"])
     return result, out
 
@@ -309,7 +310,7 @@ def test_auto_is_chosen_at_upload_and_recorded_on_the_job(api_server, accept, im
     assert r.status == 202, r.body
     job = http.get(r.json["statusUrl"]).json
     assert job["format"] == {"requested": "auto", "chosen": want, "accept": accept}
-    assert api.queue.get(r.json["jobId"])["options"]["format"] == want  # the worker gets a concrete format
+    assert api.store.get(r.json["jobId"]).options["format"] == want  # the worker gets a concrete format
 
 
 def test_auto_as_the_server_default_and_health_lists_formats(api_server):

@@ -11,6 +11,7 @@ from PIL import Image, ImageChops
 
 from imgworker.errors import ImageError
 from imgworker.imaging import Limits, fit, probe, process, sniff
+from imgworker.views import result_view
 
 from helpers import image_bytes
 
@@ -22,7 +23,7 @@ def run(tmp_path, data: bytes, limits=LIMITS, name="in", **options):
     src.write_bytes(data)
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    result = process(src, out, "job1", options, limits, name)
+    result = result_view("job1", name, process(src, out, "job1", options, limits))
     path = out / result["processedFile"]["filename"]
     return result, path
 

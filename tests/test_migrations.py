@@ -10,7 +10,8 @@ import zipfile
 import pytest
 
 from imgworker import db
-from imgworker.queue import JobQueue, NewJob
+from imgworker.store import NewJob
+from imgworker.store.sqlite import SqliteStore
 
 
 def test_fresh_then_rerun_is_noop(tmp_path):
@@ -26,7 +27,7 @@ def test_upgrade_from_previous_version_keeps_rows(tmp_path):
     conn = db.connect(tmp_path / "a.db")
     latest = db.available_migrations()[-1][0]
     db.migrate(conn, target=latest - 1)
-    q = JobQueue(tmp_path / "a.db")
+    q = SqliteStore(tmp_path / "a.db")
     q.enqueue([NewJob("old-1", "/in", "cat.jpg", 5), NewJob("old-2", "/in", "dog.png", 6)], 10, 1)
     assert db.migrate(conn) == [db.available_migrations()[-1][2].name]
     ids = {r[0] for r in conn.execute("SELECT id FROM jobs")}
@@ -70,3 +71,32 @@ def test_wheel_ships_migrations(tmp_path):
 
     for _, _, path in pgdb.available_migrations():
         assert f"imgworker/migrations/postgres/{path.name}" in names
+
+
+def test_outcome_migration_moves_results_into_columns_and_the_json_stays_the_same(tmp_path):
+    """A job completed before 0003 (its public JSON stored in `result`) is
+    shown byte for byte the same after the migration, built from columns."""
+    import json
+
+    from imgworker.views import result_view
+
+    conn = db.connect(tmp_path / "a.db")
+    db.migrate(conn, target=2)
+    job_id = "e" * 32
+    old = {"success": True, "processingTime": 87,
+           "originalFile": {"name": "cat.jpg", "size": 120000, "format": "jpeg",
+                            "dimensions": {"width": 3000, "height": 2000}},
+           "processedFile": {"filename": f"processed_{job_id}.webp", "size": 14400, "format": "webp",
+                             "dimensions": {"width": 1024, "height": 683}, "url": f"/api/images/processed_{job_id}.webp"},
+           "optimization": {"wasResized": True, "formatChanged": True, "compressionRatio": "88.0%",
+                            "sizeSaved": 105600, "keptOriginalEncoding": False},
+           "animated": False, "framesIn": 1, "framesOut": 1}
+    conn.execute(
+        "INSERT INTO jobs (id, status, max_attempts, run_at, created_at, completed_at, input_path, original_name,"
+        " input_size, input_format, result) VALUES (?, 'completed', 1, 0, 0, 5, '/in', 'cat.jpg', 120000, 'jpeg', ?)",
+        (job_id, json.dumps(old)),
+    )
+    db.migrate(conn)
+    job = SqliteStore(tmp_path / "a.db").get(job_id)
+    assert json.dumps(result_view(job.id, job.original_name, job.outcome)) == json.dumps(old)
+    assert "result" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from conftest import make_outcome
 from imgworker import config, pgdb
 
 
@@ -36,13 +37,14 @@ def test_migrate_status_then_apply_then_noop(pg_url, tmp_path):
 
 def test_operator_views_exist(pg_url):
     conn = pgdb.connect(pg_url)
-    pgdb.migrate(conn)
+    pgdb.migrate(conn, target=3)  # rows written before 0004 (the result as JSONB) go through the upgrade
     conn.execute(
         "INSERT INTO jobs (id, status, max_attempts, run_at, created_at, input_path, original_name, input_size,"
         " completed_at, error_code, error, result)"
         " VALUES ('a', 'failed', 1, 0, 1700000000000, '/in', 'cat.jpg', 5, 1700000001000, 'X', 'boom', NULL),"
         "        ('b', 'completed', 1, 0, 1700000000000, '/in', 'dog.png', 6, 1700000002000, NULL, NULL,"
         "         '{\"processingTime\": 42}')")
+    pgdb.migrate(conn)
     counts = {r["status"]: r["jobs"] for r in conn.execute("SELECT * FROM status_counts")}
     assert counts == {"failed": 1, "completed": 1}
     fails = conn.execute("SELECT id, error_code, failed_at FROM recent_failures").fetchall()
@@ -109,17 +111,17 @@ def test_wrong_password_names_the_key(pg_server):
     assert "no_such_db" in str(info.value)
 
 
-# -- the PostgreSQL store beyond the shared contract (tests/test_queue.py) -------------------
+# -- the PostgreSQL store beyond the shared contract (tests/test_store_contract.py) ----------
 def _pg_store(url, **kw):
-    from imgworker.pgqueue import PgJobQueue
+    from imgworker.store.postgres import PgStore
 
-    q = PgJobQueue(url, **kw)
+    q = PgStore(url, **kw)
     q.migrate()
     return q
 
 
 def _jobs(n, prefix="j", priority=0):
-    from imgworker.queue import NewJob
+    from imgworker.store import NewJob
 
     return [NewJob(f"{prefix}{i:04d}", "/in", "x.jpg", 1, priority=priority) for i in range(n)]
 
@@ -135,8 +137,8 @@ def test_concurrent_claimers_never_share_a_job(pg_url):
 
     def claimer(k):
         while (job := q.claim(f"owner-{k}", 60000)) is not None:
-            assert q.complete(job["id"], f"owner-{k}", {"processingTime": 1}, "/out")
-            claimed[k].append(job["id"])
+            assert q.complete(job.id, f"owner-{k}", make_outcome(1), "/out")
+            claimed[k].append(job.id)
 
     threads = [threading.Thread(target=claimer, args=(k,)) for k in range(8)]
     for t in threads:
@@ -146,27 +148,28 @@ def test_concurrent_claimers_never_share_a_job(pg_url):
     flat = [i for part in claimed for i in part]
     assert sorted(flat) == sorted(j.id for j in _jobs(400)) and len(set(flat)) == 400
     assert sum(1 for part in claimed if part) > 1  # the work really was shared
-    assert q.stats()["completedJobs"] == 400
+    assert q.stats().completed == 400
     q.close()
 
 
 def test_a_node_back_after_its_lease_expired_cannot_settle(pg_url):
-    from imgworker.queue import RetryPolicy, now_ms
+    from imgworker.clock import now_ms
+    from imgworker.store import Recovered, RetryPolicy
 
     q = _pg_store(pg_url)
     q.enqueue(_jobs(1), 10, 3)
     t = now_ms()
     stale = q.claim("node-a", 1000, now=t)
     # node-a goes silent; after its lease, node-b's recovery takes the job back and node-b runs it
-    assert q.recover([], RetryPolicy(0, 0), now=t + 1001) == [(stale["id"], "retrying")]
+    assert q.recover([], RetryPolicy(0, 0), now=t + 1001) == [Recovered(stale.id, "retrying")]
     fresh = q.claim("node-b", 1000, now=t + 1002)
-    assert fresh["id"] == stale["id"] and fresh["attempts"] == 2
+    assert fresh.id == stale.id and fresh.attempts == 2
     # node-a comes back and tries to settle its old attempt: refused, the row is node-b's
-    assert q.complete(stale["id"], "node-a", {"processingTime": 1}, "/out-a") is False
-    assert q.fail(stale["id"], "node-a", "X", "late", False, RetryPolicy()) is None
-    assert q.release(stale["id"], "node-a") is False
-    assert q.complete(fresh["id"], "node-b", {"processingTime": 1}, "/out-b") is True
-    assert q.get(fresh["id"])["output_path"] == "/out-b"
+    assert q.complete(stale.id, "node-a", make_outcome(1), "/out-a") is False
+    assert q.fail(stale.id, "node-a", "INVALID_IMAGE", "late", False, RetryPolicy()) is None
+    assert q.release(stale.id, "node-a") is False
+    assert q.complete(fresh.id, "node-b", make_outcome(1), "/out-b") is True
+    assert q.get(fresh.id).output_path == "/out-b"
     q.close()
 
 
@@ -196,8 +199,8 @@ def test_store_survives_a_server_restart(pg_url, pg_server):
     listener = q.listen()
     pg_server.ctl("restart")
     # the old connections are gone; the next calls reconnect and carry on
-    assert q.complete(job["id"], "node", {"processingTime": 1}, "/out") is True
-    assert q.claim("node", 60000)["id"] == "j0001"
+    assert q.complete(job.id, "node", make_outcome(1), "/out") is True
+    assert q.claim("node", 60000).id == "j0001"
     assert listener.drain() is False  # the listener notices and is replaced by the caller
     listener.close()
     q.close()
@@ -222,7 +225,8 @@ def test_rate_limit_holds_across_api_nodes(api_server, pg_url):
 
 
 # -- files on a shared DATA_DIR -------------------------------------------------------------
-def test_sweeps_leave_other_hosts_files_alone(tmp_path, queue):
+def test_sweeps_leave_other_hosts_files_alone(tmp_path, store):
+    from imgworker.housekeeping import Housekeeper
     from imgworker.storage import NODE_TAG, Storage
 
     storage = Storage(tmp_path / "data")
@@ -237,7 +241,7 @@ def test_sweeps_leave_other_hosts_files_alone(tmp_path, queue):
     for p in (mine_tmp, theirs_tmp, mine_up, theirs_up):
         p.write_bytes(b"x")
     # the other host's pid is "dead" here, but that proves nothing: its upload may be mid-commit
-    assert storage.sweep_dead(queue) == 2
+    assert Housekeeper(store, storage).sweep_dead() == 2
     assert not mine_tmp.exists() and not mine_up.exists()
     assert theirs_tmp.exists() and theirs_up.exists()
 
@@ -255,9 +259,9 @@ def test_upload_moves_from_a_local_tmp_dir_on_another_file_system(api_server, tm
         photo = image_bytes("PNG", (30, 20))
         r = http.upload(files=[("image", "x.png", photo)])
         assert r.status == 202
-        job = api.queue.get(r.json["jobId"])
-        assert Path(job["input_path"]).read_bytes() == photo
-        assert Path(job["input_path"]).parent == tmp_path / "data" / "uploads"
+        job = api.store.get(r.json["jobId"])
+        assert Path(job.input_path).read_bytes() == photo
+        assert Path(job.input_path).parent == tmp_path / "data" / "uploads"
         assert os.listdir(local) == [] and not [p for p in os.listdir(tmp_path / "data" / "uploads")
                                               if p.startswith(".tmp-")]
     finally:

@@ -10,27 +10,30 @@ import subprocess
 import sys
 import time
 
-from imgworker.queue import JobQueue, NewJob
+from imgworker.store import NewJob
+from imgworker.store.sqlite import SqliteStore
 
 CLAIMER = r"""
 import json, sys
-from imgworker.queue import JobQueue
-q = JobQueue(sys.argv[1], durable=False)
+from imgworker.model import Outcome
+from imgworker.store.sqlite import SqliteStore
+q = SqliteStore(sys.argv[1], durable=False)
+OUTCOME = Outcome(0, "jpeg", 1, 1, 1, "webp", 1, 1, 1)
 owner = sys.argv[2]
 got = []
 while True:
     job = q.claim(owner, 60000)
     if job is None:
         break
-    q.complete(job["id"], owner, {"processingTime": 0}, "")
-    got.append(job["id"])
+    q.complete(job.id, owner, OUTCOME, "")
+    got.append(job.id)
 print(json.dumps(got))
 """
 
 
 def test_four_processes_claim_10000_jobs_exactly_once(tmp_path):
     path = tmp_path / "q.db"
-    q = JobQueue(path)
+    q = SqliteStore(path)
     q.migrate()
     n = 10_000
     q.enqueue([NewJob(f"j{i}", "/in", "x.jpg", 1) for i in range(n)], n, 1)
@@ -50,13 +53,14 @@ def test_four_processes_claim_10000_jobs_exactly_once(tmp_path):
     assert len(claimed) == n
     assert set(claimed) == {f"j{i}" for i in range(n)}
     s = q.stats()
-    assert s["completedJobs"] == n and s["byStatus"]["completed"] == n
+    assert s.completed == n and s.by_status["completed"] == n
 
 
 WRITER = r"""
 import sys
-from imgworker.queue import JobQueue, NewJob
-q = JobQueue(sys.argv[1])
+from imgworker.store import NewJob
+from imgworker.store.sqlite import SqliteStore
+q = SqliteStore(sys.argv[1])
 i = 0
 print("ready", flush=True)
 while True:
@@ -67,7 +71,7 @@ while True:
 
 def test_sigkill_mid_write_leaves_database_consistent(tmp_path):
     path = tmp_path / "q.db"
-    q = JobQueue(path)
+    q = SqliteStore(path)
     q.migrate()
     q.close()
     for round_ in range(5):

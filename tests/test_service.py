@@ -91,7 +91,7 @@ def test_corpus_bad_files_through_http(served, corpus):
         assert job["status"] == "failed" and job["errorCode"] in ("INVALID_IMAGE", "IMAGE_TOO_LARGE"), (name, job)
         assert job["attempts"] == 1  # never retried
     assert http.get("/api/health").status == 200
-    assert svc.queue.stats()["byStatus"]["processing"] == 0
+    assert svc.store.stats().by_status["processing"] == 0
 
 
 def test_sigterm_stops_everything_cleanly(served):
@@ -201,7 +201,7 @@ def test_api_sigterm_finishes_the_upload_in_flight(service):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 202"), reply[:300]
     assert svc.proc.wait(timeout=15) == 0
-    assert svc.queue.stats()["totalJobs"] == 1
+    assert svc.store.stats().total == 1
     with pytest.raises(OSError):
         http.get("/api/health")  # no longer listening
 

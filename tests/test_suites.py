@@ -75,9 +75,9 @@ def run_hostile(service, truncations):
         outcomes[f"http/{name}"] = status
         if status >= 500 and status != 0 or (status == 0 and name != "truncated_body"):
             problems.append((name, status, raw[:200]))
-    q = svc.queue
+    q = svc.store
     try:  # the 202s of the HTTP-level cases must finish too
-        wait_for(lambda: q.stats()["currentQueueSize"] + q.stats()["currentProcessingCount"] == 0, 30, 0.05)
+        wait_for(lambda: q.stats().waiting + q.stats().processing == 0, 30, 0.05)
     except AssertionError:
         pass  # reported below as stuck
     healthy = suites.healthy(http)
@@ -85,7 +85,7 @@ def run_hostile(service, truncations):
     leftovers = [p.name for p in svc.storage.tmp.iterdir()]
     svc.stop()
     return {"cases": len(outcomes), "problems": problems, "healthy_after": healthy, "outcomes": outcomes,
-            "stuck": stats["byStatus"]["processing"] + stats["currentQueueSize"], "tmp_left": leftovers}
+            "stuck": stats.by_status["processing"] + stats.waiting, "tmp_left": leftovers}
 
 
 def check_hostile(r):
@@ -131,8 +131,8 @@ def run_fuzz(service, tmp_path, n):
             jobs.append(r.json["jobId"])
         elif not r.json.get("code"):
             server_errors.append((p.name, "no code"))
-    q = svc.queue
-    wait_for(lambda: q.stats()["currentQueueSize"] + q.stats()["currentProcessingCount"] == 0, 300, 0.25, "fuzz jobs done")
+    q = svc.store
+    wait_for(lambda: q.stats().waiting + q.stats().processing == 0, 300, 0.25, "fuzz jobs done")
     rows = [q.get(j) for j in jobs]
     healthy = suites.healthy(http)
     svc.stop()
@@ -142,8 +142,8 @@ def run_fuzz(service, tmp_path, n):
     return {
         "inputs": n, "pipeline_outcomes": codes, "pipeline_crashes": pipeline["crashes"],
         "http_statuses": statuses, "server_errors": server_errors, "healthy_after": healthy,
-        "jobs": len(rows), "jobs_by_status": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
-        "failed_without_code": [r["id"] for r in rows if r["status"] == "failed" and not r["error_code"]],
+        "jobs": len(rows), "jobs_by_status": {s: sum(r.status == s for r in rows) for s in {r.status for r in rows}},
+        "failed_without_code": [r.id for r in rows if r.status == "failed" and not r.error_code],
     }
 
 

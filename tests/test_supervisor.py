@@ -16,7 +16,7 @@ PHOTO = image_bytes("JPEG", (1600, 1200), quality=90)
 
 
 def status(svc, job_id):
-    return svc.queue.get(job_id)["status"]
+    return svc.store.get(job_id).status
 
 
 def all_done(svc, ids, want="completed"):
@@ -28,10 +28,10 @@ def test_jobs_flow_and_outputs_written(service):
     ids = [svc.submit(PHOTO, name=f"p{i}.jpg") for i in range(6)]
     wait_for(lambda: all_done(svc, ids), 30, message="jobs completed")
     for j in ids:
-        job = svc.queue.get(j)
+        job = svc.store.get(j)
         out = svc.storage.processed / f"processed_{j}.webp"
-        assert out.is_file() and job["output_path"] == str(out)
-        assert job["result"]["processedFile"]["size"] == out.stat().st_size
+        assert out.is_file() and job.output_path == str(out)
+        assert job.outcome.output_size == out.stat().st_size
     assert "Job completed in" in svc.log() and "Max concurrent jobs: 2" in svc.log()
 
 
@@ -46,8 +46,8 @@ def test_stuck_job_killed_retried_then_failed_while_others_flow(service):
     others = [svc.submit(PHOTO) for _ in range(4)]
     wait_for(lambda: status(svc, stuck) == "retrying", 3, message="first timeout")
     assert time.monotonic() - claimed < 0.7 + 1.0  # killed within timeout + 1 s
-    job = svc.queue.get(stuck)
-    assert job["error_code"] == "TIMEOUT" and job["attempts"] == 1
+    job = svc.store.get(stuck)
+    assert job.error_code == "TIMEOUT" and job.attempts == 1
     dead = wait_for(lambda: [p for p in before if not alive(p)], 2, message="stuck worker killed")
     assert len(dead) == 1
     killed_at = time.monotonic()
@@ -60,8 +60,8 @@ def test_stuck_job_killed_retried_then_failed_while_others_flow(service):
     assert time.monotonic() - killed_at < 2.0
     wait_for(lambda: all_done(svc, others), 20, message="other jobs completed meanwhile")
     wait_for(lambda: status(svc, stuck) == "failed", 10, message="failed after retries")
-    job = svc.queue.get(stuck)
-    assert job["error_code"] == "TIMEOUT" and job["attempts"] == 2
+    job = svc.store.get(stuck)
+    assert job.error_code == "TIMEOUT" and job.attempts == 2
     wait_for(lambda: svc.state()["workers"]["alive"] == 2, 2.0, message="pool at full strength at the end")
     assert "killing worker" in svc.log() and "retry scheduled at" in svc.log()
 
@@ -79,11 +79,11 @@ def test_worker_killed_mid_job_is_reaped_replaced_and_job_retried(service):
     job_id = svc.submit(PHOTO, _testSleepMs=800)
     wait_for(lambda: status(svc, job_id) == "processing", 5)
     os.kill(pool[0]["pid"], signal.SIGKILL)
-    wait_for(lambda: svc.queue.get(job_id)["error_code"] == "WORKER_CRASHED", 5, message="crash recorded")
+    wait_for(lambda: svc.store.get(job_id).error_code == "WORKER_CRASHED", 5, message="crash recorded")
     wait_for(lambda: status(svc, job_id) == "completed", 15)
-    job = svc.queue.get(job_id)
-    assert job["attempts"] == 2
-    assert 0 <= job["started_at"] - job["run_at"] < 100  # the retry started on time, not at the next poll
+    job = svc.store.get(job_id)
+    assert job.attempts == 2
+    assert 0 <= job.started_at - job.run_at < 100  # the retry started on time, not at the next poll
     assert "SIGKILL: perhaps out of memory?" in svc.log()
     new_pids = {w["pid"] for w in svc.state()["pool"]}
     assert pool[0]["pid"] not in new_pids
@@ -102,8 +102,8 @@ def test_kill9_of_whole_tree_loses_nothing(service, tmp_path):
         assert not [p for p in workers if alive(p.pid)]
     svc.start()
     wait_for(lambda: all_done(svc, ids), 90, interval=0.2, message="every job completed after restarts")
-    s = svc.queue.stats()
-    assert s["byStatus"]["processing"] == 0 and s["completedJobs"] == len(ids)
+    s = svc.store.stats()
+    assert s.by_status["processing"] == 0 and s.completed == len(ids)
     outputs = sorted(p.name for p in svc.storage.processed.iterdir())
     assert outputs == sorted(f"processed_{j}.webp" for j in ids)  # exactly one each, no temp files
     assert "Recovered from a stopped worker or supervisor" in svc.log()
@@ -131,7 +131,7 @@ def test_graceful_stop_lets_running_job_finish(service):
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(timeout=10) == 0
     assert status(svc, job_id) == "completed"
-    assert svc.queue.supervisors() == []
+    assert svc.store.supervisors() == []
 
 
 def test_graceful_stop_past_timeout_requeues_without_spending_attempt(service):
@@ -143,8 +143,8 @@ def test_graceful_stop_past_timeout_requeues_without_spending_attempt(service):
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(timeout=10) == 0
     assert time.monotonic() - started < 3
-    job = svc.queue.get(job_id)
-    assert job["status"] == "queued" and job["attempts"] == 0
+    job = svc.store.get(job_id)
+    assert job.status == "queued" and job.attempts == 0
     assert not alive(pid)
 
 
@@ -156,8 +156,8 @@ def test_idle_service_starts_a_job_within_milliseconds(service):
     for _ in range(5):
         job_id = svc.submit(image_bytes("PNG", (8, 8)))
         wait_for(lambda: status(svc, job_id) == "completed", 5)
-        job = svc.queue.get(job_id)
-        lags.append(job["started_at"] - job["created_at"])
+        job = svc.store.get(job_id)
+        lags.append(job.started_at - job.created_at)
     assert sorted(lags)[2] < 50, lags  # median well under the 250 ms poll
 
 
@@ -226,6 +226,43 @@ def test_memory_hungry_image_fails_alone_under_the_worker_cap(service):
     big = svc.submit(buf.getvalue(), name="huge.png")
     small = svc.submit(image_bytes("PNG", (300, 200)))
     wait_for(lambda: status(svc, big) == "failed" and status(svc, small) == "completed", 30)
-    job = svc.queue.get(big)
-    assert job["error_code"] == "IMAGE_TOO_LARGE" and job["attempts"] == 1
+    job = svc.store.get(big)
+    assert job.error_code == "IMAGE_TOO_LARGE" and job.attempts == 1
     assert svc.state()["counters"]["crashes"] == 0 and alive(pool[0]["pid"])
+
+
+def test_sigstopped_busy_worker_is_sigkilled_and_the_pool_never_grows(service):
+    """A worker that cannot act on SIGTERM (SIGSTOP here; a debugger or a
+    kernel freeze alike) is SIGKILLed within JOB_TIMEOUT_MS + the grace, and
+    the pool is back to exactly MAX_CONCURRENT_JOBS processes, never more."""
+    from imgworker.supervisor import KILL_GRACE_S
+
+    timeout_s = 1.0
+    svc = service(MAX_CONCURRENT_JOBS=1, JOB_TIMEOUT_MS=int(timeout_s * 1000), RETRY_BASE_DELAY_MS=60_000)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
+    pid = pool[0]["pid"]
+    job_id = svc.submit(PHOTO, _testSleepMs=30_000)
+    wait_for(lambda: status(svc, job_id) == "processing", 5)
+    claimed = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    supervisor = psutil.Process(svc.proc.pid)
+
+    def workers():
+        return [p for p in supervisor.children() if alive(p.pid)]
+
+    most = 0
+    while alive(pid):
+        most = max(most, len(workers()))
+        assert time.monotonic() - claimed < timeout_s + KILL_GRACE_S + 1.0, "the stopped worker was never killed"
+        time.sleep(0.01)
+    gone = time.monotonic() - claimed
+    assert gone >= timeout_s
+    job = svc.store.get(job_id)
+    assert job.status == "retrying" and job.error_code == "TIMEOUT"
+    deadline = time.monotonic() + 3
+    while not (svc.state()["workers"]["alive"] == 1 and svc.state()["pool"][0]["pid"] != pid):
+        most = max(most, len(workers()))
+        assert time.monotonic() < deadline, "the pool did not come back"
+        time.sleep(0.01)
+    assert most <= 1 and len(workers()) == 1
+    assert "did not stop in time (timeout): SIGKILL" in svc.log()

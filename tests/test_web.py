@@ -171,9 +171,9 @@ def test_retry_a_failed_file(site, tmp_path):
     wait_for(lambda: s.svc.log().count("JOB_TIMEOUT_MS 50 -> 30000") == 2, 10, message="reloaded")
     card.locator(".retry").click()
     page.wait_for_selector(DONE, timeout=30000)
-    (job,) = s.svc.queue.list()
-    assert job["status"] == "completed"  # the same job, retried: not a second upload
-    assert card.locator("a.download").get_attribute("href") == f"/api/images/processed_{job['id']}.webp"
+    (job,) = s.svc.store.list()
+    assert job.status == "completed"  # the same job, retried: not a second upload
+    assert card.locator("a.download").get_attribute("href") == f"/api/images/processed_{job.id}.webp"
 
 
 def test_cancel_a_waiting_file(site, tmp_path):
@@ -186,7 +186,7 @@ def test_cancel_a_waiting_file(site, tmp_path):
     assert "paused" in page.inner_text("#server-status").lower()
     card.locator(".cancel").click()
     page.wait_for_selector(".card[data-state=cancelled]")
-    assert s.svc.queue.list()[0]["status"] == "cancelled"
+    assert s.svc.store.list()[0].status == "cancelled"
 
 
 @pytest.mark.parametrize("comes_back", [True, False], ids=["server-restarted", "server-stays-down"])
@@ -215,8 +215,8 @@ def test_server_killed_mid_batch_no_file_processed_twice(site, tmp_path, comes_b
     assert page.inner_text("#summary-text").startswith("6 of 6 done")
     if comes_back:
         assert len(server_done) == 6 and page.locator(".tag.browser:visible").count() == 0
-        jobs = s.svc.queue.list(limit=100)
-        assert len(jobs) == 6 and {j["status"] for j in jobs} == {"completed"}
+        jobs = s.svc.store.list(limit=100)
+        assert len(jobs) == 6 and {j.status for j in jobs} == {"completed"}
     else:
         in_browser = page.locator(".card:has(.tag.browser:visible)")
         assert in_browser.count() == 6 - len(server_done) and in_browser.count() >= 1

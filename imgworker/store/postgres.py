@@ -1,7 +1,7 @@
-"""The PostgreSQL job store: the same contract as :class:`queue.JobQueue`,
-for several nodes sharing one database (``DATABASE_URL``).
+"""The PostgreSQL job store: the :class:`~imgworker.store.base.JobStore`
+contract for several nodes sharing one database (``DATABASE_URL``).
 
-What PostgreSQL changes (the rest of the contract is queue.py's):
+What PostgreSQL changes (the rest of the contract is base.py's):
 
 - Claim is one statement: ``UPDATE ... WHERE seq = (SELECT ... ORDER BY
   priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *``. Claimers
@@ -27,15 +27,16 @@ What PostgreSQL changes (the rest of the contract is queue.py's):
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
-from . import db, log, pgdb
-from .errors import Conflict, NotFound, QueueFull
-from .queue import (ACTIVITY_SQL, BY_PRIORITY_SQL, FAILURES_SQL, STATUSES, NewJob, RetryPolicy, activity_view,
-                    backoff_ms, by_priority_view, failures_view, now_ms)
+from .. import db, log, pgdb
+from ..clock import now_ms
+from ..model import ErrorCode, Outcome
+from . import sql
+from .connections import ThreadConnections
+from .base import (OUTCOME_COLUMNS, Job, MinuteActivity, NewJob, PriorityCounts, QueueStats, Recovered, RetryPolicy, Settlement,
+                   StoreError, SupervisorRow, job_from_row)
 
 LOG = log.get("store")
 CHANNEL = "imgworker_jobs"
@@ -51,14 +52,11 @@ def _jsonb(value: Any) -> Any:
     return Jsonb(value)
 
 
-def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    row["options"] = row.get("options") or {}
-    return row
+def _job(row: dict[str, Any] | None) -> Job | None:
+    return None if row is None else job_from_row(row, row.get("options") or {})
 
 
-class PgJobQueue:
+class PgStore(ThreadConnections):
     """All database access of imgworker on PostgreSQL.
 
     One connection per thread, opened lazily in the process that uses it and
@@ -67,41 +65,35 @@ class PgJobQueue:
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, durable: bool = True, application_name: str = "imgworker"):
+    def __init__(self, url: str, durable: bool = True, application_name: str = "imgworker", create: bool = True):
+        from ..config import mask_password
+
         self.url = url
+        self.location = mask_password(url)
+        self.create = create
         self.durable = durable
         self.application_name = application_name
-        self._local = threading.local()
-        self._all: list[Any] = []
-        self._all_lock = threading.Lock()
+        self._init_connections()
         self._connected_once = False
-
-    @property
-    def path(self) -> str:
-        """Where the queue lives, for messages (password masked)."""
-        from .config import mask_password
-
-        return mask_password(self.url)
 
     # -- plumbing ---------------------------------------------------------------------
     def _open(self) -> Any:
         self._local.conn = None  # until connected: _run sees the connection as lost
         conn = pgdb.connect(self.url, self.application_name)
+        if not self.create:  # an operator command: the schema must be there already
+            applied = pgdb.applied_migrations(conn)
+            pending = [p.name for v, _, p in pgdb.available_migrations() if v not in applied]
+            if pending:
+                conn.close()
+                raise StoreError(f"the database at {self.location} needs {len(pending)} migration(s) "
+                                 f"({', '.join(pending)}): run `imgworker migrate`")
         if not self.durable:
             conn.execute("SET synchronous_commit = off")
         self._connected_once = True
         return conn
 
-    @property
-    def conn(self) -> Any:
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if getattr(local, "pid", None) != os.getpid() or conn is None or conn.closed:
-            local.conn = self._open()
-            local.pid = os.getpid()
-            with self._all_lock:
-                self._all.append(local.conn)
-        return local.conn
+    def _usable(self, conn: Any) -> bool:
+        return conn is not None and not conn.closed
 
     def _run(self, op: Callable[[Any, bool], T]) -> T:
         """Run ``op(conn, replay)``. When the connection is lost (server
@@ -133,21 +125,11 @@ class PgJobQueue:
                 time.sleep(delay)
                 delay = min(1.0, delay * 2)
 
-    def close(self) -> None:
-        with self._all_lock:
-            conns, self._all = self._all, []
-        for c in conns:
-            try:
-                c.close()
-            except Exception:
-                pass
-        self._local = threading.local()
-
     def migrate(self) -> list[str]:
         return self._run(lambda c, _r: pgdb.migrate(c))
 
-    def checkpoint(self) -> None:
-        """Nothing to do: PostgreSQL checkpoints by itself."""
+    def maintain(self) -> None:
+        """Nothing to do: PostgreSQL checkpoints and vacuums by itself."""
 
     # -- wake-ups -----------------------------------------------------------------------
     def notify(self) -> None:
@@ -166,7 +148,7 @@ class PgJobQueue:
     # -- producing ----------------------------------------------------------------------
     def enqueue(self, jobs: Iterable[NewJob], max_queue_size: int, max_attempts: int,
                 now: int | None = None, before_commit: Callable[[], None] | None = None) -> list[int]:
-        """As JobQueue.enqueue: all or none, QueueFull past the bound
+        """As JobStore.enqueue: all or none, QueueFull past the bound
         (cluster-wide: enqueues are serialised by an advisory lock), and a
         NOTIFY that wakes every supervisor at commit."""
         jobs = list(jobs)
@@ -179,27 +161,10 @@ class PgJobQueue:
                     # the first try's COMMIT reached the server before the connection was lost
                     return [self._position(c, j.priority, self._seq(c, j.id)) for j in jobs]
                 c.execute("SELECT pg_advisory_xact_lock(%s)", (ENQUEUE_LOCK,))
-                waiting = c.execute(
-                    "SELECT count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying')"
-                ).fetchone()["n"]
-                if waiting + len(jobs) > max_queue_size:
-                    raise QueueFull(
-                        f"The queue is full ({waiting} of {max_queue_size} jobs waiting); try again later"
-                    )
-                positions: list[int] = []
-                same_priority = len({j.priority for j in jobs}) == 1
-                for j in jobs:
-                    seq = c.execute(
-                        "INSERT INTO jobs (id, batch_id, status, priority, max_attempts, run_at, created_at,"
-                        " input_path, original_name, input_size, input_format, options)"
-                        " VALUES (%s, %s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-                        (j.id, j.batch_id, j.priority, max_attempts, now, now, j.input_path,
-                         j.original_name, j.input_size, j.input_format, _jsonb(j.options)),
-                    ).fetchone()["seq"]
-                    if same_priority and positions:  # each one right behind the previous
-                        positions.append(positions[-1] + 1)
-                    else:  # where it stands at the moment it is inserted, as in the SQLite store
-                        positions.append(self._position(c, j.priority, seq))
+                positions = sql.insert_jobs(
+                    jobs, c.execute(sql.COUNT_WAITING).fetchone()["n"], max_queue_size, max_attempts, now,
+                    lambda params: c.execute(sql.pg(sql.INSERT), params).fetchone()["seq"],
+                    lambda priority, seq: self._position(c, priority, seq), _jsonb)
                 c.execute("UPDATE counters SET value = value + %s WHERE name = 'jobs_total'", (len(jobs),))
                 c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
                 if before_commit is not None:
@@ -230,61 +195,56 @@ class PgJobQueue:
         " RETURNING *"
     )
 
-    def claim(self, owner: str, lease_ms: int, now: int | None = None) -> dict[str, Any] | None:
+    def claim(self, owner: str, lease_ms: int, now: int | None = None) -> Job | None:
         """Take the next claimable job (highest priority, then oldest) in one
         statement; rows locked by other claimers are skipped, not waited for."""
         at = now_ms() if now is None else now
         return self._run(lambda c, _r: self._claim(c, owner, lease_ms, at))
 
-    def _claim(self, c: Any, owner: str, lease_ms: int, now: int) -> dict[str, Any] | None:
+    def _claim(self, c: Any, owner: str, lease_ms: int, now: int) -> Job | None:
         row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms}).fetchone()
-        return _decode(row)
+        return _job(row)
 
-    def complete(self, job_id: str, owner: str, result: dict[str, Any], output_path: str,
-                 now: int | None = None) -> bool:
+    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
         at = now_ms() if now is None else now
-        return self._run(lambda c, _r: self._complete(c, job_id, owner, result, output_path, at))
+        return self._run(lambda c, _r: self._complete(c, job_id, owner, outcome, output_path, at))
 
-    def complete_and_claim(self, job_id: str, owner: str, result: dict[str, Any], output_path: str,
-                           lease_ms: int, now: int | None = None) -> tuple[bool, dict[str, Any] | None]:
+    def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
+                           now: int | None = None) -> tuple[bool, Job | None]:
         """complete then claim atomically, in one statement (one round trip,
         one commit): two data-modifying CTEs on different rows, so the claim
         never waits on the completion."""
         at = now_ms() if now is None else now
-        params = {"now": at, "owner": owner, "expires": at + lease_ms, "id": job_id, "result": _jsonb(result),
-                  "output": output_path}
+        params = {"now": at, "owner": owner, "expires": at + lease_ms, "id": job_id, "output": output_path,
+                  **outcome.to_wire()}
 
-        def op(c: Any, _replay: bool) -> tuple[bool, dict[str, Any] | None]:
+        def op(c: Any, _replay: bool) -> tuple[bool, Job | None]:
             row = c.execute(self._COMPLETE_AND_CLAIM, params).fetchone()
             done = bool(row.pop("_done"))
-            return done, (_decode(row) if row["seq"] is not None else None)
+            return done, (_job(row) if row["seq"] is not None else None)
 
         return self._run(op)
 
     _COMPLETE_AND_CLAIM = (
-        "WITH done AS (UPDATE jobs SET status = 'completed', completed_at = %(now)s, result = %(result)s,"
-        "   output_path = %(output)s, error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
+        "WITH done AS (UPDATE jobs SET status = 'completed', completed_at = %(now)s, output_path = %(output)s, "
+        + ", ".join(f"{col} = %({col})s" for col in OUTCOME_COLUMNS) +
+        ",  error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
         "   WHERE id = %(id)s AND status = 'processing' AND lease_owner = %(owner)s RETURNING 1),"
         " next AS (" + _CLAIM + ")"
         " SELECT (SELECT count(*) FROM done) AS _done, next.* FROM (SELECT 1) AS one LEFT JOIN next ON true"
     )
 
     @staticmethod
-    def _complete(c: Any, job_id: str, owner: str, result: dict[str, Any], output_path: str, now: int) -> bool:
-        cur = c.execute(
-            "UPDATE jobs SET status = 'completed', completed_at = %s, result = %s, output_path = %s,"
-            " error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE id = %s AND status = 'processing' AND lease_owner = %s",
-            (now, _jsonb(result), output_path, job_id, owner),
-        )
-        return cur.rowcount == 1
+    def _complete(c: Any, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int) -> bool:
+        params = sql.complete_params(job_id, owner, outcome, output_path, now)
+        return c.execute(sql.pg(sql.COMPLETE), params).rowcount == 1
 
     def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool,
-             policy: RetryPolicy, now: int | None = None) -> tuple[str, int | None] | None:
-        """As JobQueue.fail; None if ``owner`` no longer holds the lease."""
+             policy: RetryPolicy, now: int | None = None) -> Settlement | None:
+        """As JobStore.fail; None if ``owner`` no longer holds the lease."""
         at = now_ms() if now is None else now
 
-        def op(c: Any, _replay: bool) -> tuple[str, int | None] | None:
+        def op(c: Any, _replay: bool) -> Settlement | None:
             with pgdb.write(c):
                 row = c.execute(
                     "SELECT attempts, max_attempts FROM jobs WHERE id = %s AND status = 'processing'"
@@ -300,22 +260,9 @@ class PgJobQueue:
 
     @staticmethod
     def _settle(c: Any, job_id: str, attempts: int, max_attempts: int, code: str, message: str,
-                transient: bool, policy: RetryPolicy, now: int) -> tuple[str, int | None]:
-        limit = policy.max_attempts or max_attempts
-        if transient and attempts < limit:
-            run_at = now + backoff_ms(attempts, policy.base_ms, policy.max_ms)
-            c.execute(
-                "UPDATE jobs SET status = 'retrying', run_at = %s, error_code = %s, error = %s, max_attempts = %s,"
-                " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
-                (run_at, code, message, limit, job_id),
-            )
-            return "retrying", run_at
-        c.execute(
-            "UPDATE jobs SET status = 'failed', completed_at = %s, error_code = %s, error = %s, max_attempts = %s,"
-            " lease_owner = NULL, lease_expires_at = NULL WHERE id = %s",
-            (now, code, message, limit, job_id),
-        )
-        return "failed", None
+                transient: bool, policy: RetryPolicy, now: int) -> Settlement:
+        return sql.settle(lambda statement, params: c.execute(sql.pg(statement), params), job_id, attempts,
+                          max_attempts, code, message, transient, policy, now)
 
     def release(self, job_id: str, owner: str) -> bool:
         """Give a claimed job back without spending its attempt; wakes claimers."""
@@ -336,7 +283,7 @@ class PgJobQueue:
         return self._run(op)
 
     def recover(self, dead_owners: Iterable[str], policy: RetryPolicy,
-                now: int | None = None) -> list[tuple[str, str]]:
+                now: int | None = None) -> list[Recovered]:
         """Take back ``processing`` jobs whose lease expired (the cross-host
         rule: a pid means nothing on another host) or whose owner is in
         ``dead_owners``; the spent attempt counts. Rows another node is
@@ -344,8 +291,8 @@ class PgJobQueue:
         at = now_ms() if now is None else now
         dead = list(dead_owners)
 
-        def op(c: Any, _replay: bool) -> list[tuple[str, str]]:
-            out: list[tuple[str, str]] = []
+        def op(c: Any, _replay: bool) -> list[Recovered]:
+            out: list[Recovered] = []
             with pgdb.write(c):
                 rows = c.execute(
                     "SELECT id, attempts, max_attempts FROM jobs WHERE status = 'processing'"
@@ -353,11 +300,11 @@ class PgJobQueue:
                     (at, dead),
                 ).fetchall()
                 for row in rows:
-                    status, _ = self._settle(
-                        c, row["id"], row["attempts"], row["max_attempts"], "WORKER_LOST",
+                    settled = self._settle(
+                        c, row["id"], row["attempts"], row["max_attempts"], ErrorCode.WORKER_LOST,
                         "The job's worker or supervisor stopped while processing it", True, policy, at,
                     )
-                    out.append((row["id"], status))
+                    out.append(Recovered(row["id"], settled.status))
             return out
 
         return self._run(op)
@@ -367,114 +314,83 @@ class PgJobQueue:
             "SELECT min(run_at) AS t FROM jobs WHERE status IN ('queued', 'retrying')").fetchone()["t"])
 
     # -- operator actions ---------------------------------------------------------------------
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, now: int | None = None) -> None:
         def op(c: Any, replay: bool) -> None:
             with pgdb.write(c):
-                row = c.execute("SELECT status FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
-                if row is None:
-                    raise NotFound(f"Job {job_id} not found")
-                if replay and row["status"] == "cancelled":
+                status = self._status(c, job_id)
+                if replay and status == "cancelled":
                     return
-                if row["status"] not in ("queued", "retrying"):
-                    raise Conflict(f"Job {job_id} is {row['status']}; only queued or retrying jobs can be cancelled")
-                c.execute("UPDATE jobs SET status = 'cancelled', completed_at = %s WHERE id = %s", (now_ms(), job_id))
+                sql.check_cancel(job_id, status)
+                c.execute(sql.pg(sql.CANCEL), (now_ms() if now is None else now, job_id))
 
         self._run(op)
 
-    def retry(self, job_id: str, max_queue_size: int) -> None:
+    def retry(self, job_id: str, max_queue_size: int, now: int | None = None) -> None:
         def op(c: Any, replay: bool) -> None:
             with pgdb.write(c):
                 c.execute("SELECT pg_advisory_xact_lock(%s)", (ENQUEUE_LOCK,))
-                row = c.execute("SELECT status, input_path FROM jobs WHERE id = %s FOR UPDATE",
-                                (job_id,)).fetchone()
-                if row is None:
-                    raise NotFound(f"Job {job_id} not found")
-                if replay and row["status"] == "queued":
+                status = self._status(c, job_id)
+                if replay and status == "queued":
                     return
-                if row["status"] != "failed":
-                    raise Conflict(f"Job {job_id} is {row['status']}; only failed jobs can be retried")
-                if not os.path.exists(row["input_path"]):
-                    raise Conflict(f"Job {job_id} can no longer be retried: its upload is gone")
-                waiting = c.execute(
-                    "SELECT count(*) AS n FROM jobs WHERE status IN ('queued', 'retrying')").fetchone()["n"]
-                if waiting >= max_queue_size:
-                    raise QueueFull("The queue is full; try again later")
-                c.execute(
-                    "UPDATE jobs SET status = 'queued', attempts = 0, run_at = %s, started_at = NULL,"
-                    " completed_at = NULL, error_code = NULL, error = NULL WHERE id = %s",
-                    (now_ms(), job_id),
-                )
+                sql.check_retry(job_id, status, lambda: c.execute(sql.COUNT_WAITING).fetchone()["n"], max_queue_size)
+                c.execute(sql.pg(sql.REQUEUE), (now_ms() if now is None else now, job_id))
                 c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
 
         self._run(op)
 
+    @staticmethod
+    def _status(c: Any, job_id: str) -> str | None:
+        row = c.execute("SELECT status FROM jobs WHERE id = %s FOR UPDATE", (job_id,)).fetchone()
+        return None if row is None else row["status"]
+
     # -- reading --------------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        return self._run(lambda c, _r: _decode(c.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()))
+    def get(self, job_id: str) -> Job | None:
+        return self._run(lambda c, _r: _job(c.execute("SELECT * FROM jobs WHERE id = %s", (job_id,)).fetchone()))
 
-    def queue_position(self, job: dict[str, Any]) -> int:
-        return self._run(lambda c, _r: self._position(c, job["priority"], job["seq"]))
+    def queue_position(self, job: Job) -> int:
+        return self._run(lambda c, _r: self._position(c, job.priority, job.seq))
 
-    def list(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        def op(c: Any, _r: bool) -> list[dict[str, Any]]:
+    def list(self, status: str | None = None, limit: int = 50) -> list[Job]:
+        def op(c: Any, _r: bool) -> list[Job]:
             if status:
                 rows = c.execute("SELECT * FROM jobs WHERE status = %s ORDER BY seq DESC LIMIT %s",
-                                 (status, limit)).fetchall()
+                                 (str(status), limit)).fetchall()
             else:
                 rows = c.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT %s", (limit,)).fetchall()
-            return [_decode(r) for r in rows]
+            return [_job(r) for r in rows]
 
         return self._run(op)
 
-    def batch(self, batch_id: str) -> list[dict[str, Any]]:
-        return self._run(lambda c, _r: [_decode(r) for r in c.execute(
+    def batch(self, batch_id: str) -> list[Job]:
+        return self._run(lambda c, _r: [_job(r) for r in c.execute(
             "SELECT * FROM jobs WHERE batch_id = %s ORDER BY seq", (batch_id,)).fetchall()])
 
-    def stats(self, now: int | None = None) -> dict[str, Any]:
+    def stats(self, now: int | None = None) -> QueueStats:
         at = now_ms() if now is None else now
 
-        def op(c: Any, _r: bool) -> dict[str, Any]:
-            counts = {r["status"]: r["n"] for r in c.execute(
-                "SELECT status, count(*) AS n FROM jobs GROUP BY status").fetchall()}
-            counters = {r["name"]: r["value"] for r in c.execute("SELECT name, value FROM counters").fetchall()}
-            avg = c.execute(
-                "SELECT avg((result ->> 'processingTime')::float8) AS a FROM"
-                " (SELECT result FROM jobs WHERE status = 'completed' ORDER BY completed_at DESC LIMIT 100) r"
-            ).fetchone()["a"]
-            recent = {r["status"]: r["n"] for r in c.execute(
-                "SELECT status, count(*) AS n FROM jobs WHERE status IN ('completed', 'failed')"
-                " AND completed_at >= %s GROUP BY status", (at - 86_400_000,)).fetchall()}
-            return {
-                "totalJobs": counters.get("jobs_total", 0),
-                "completedJobs": counts.get("completed", 0) + counters.get("jobs_completed", 0),
-                "failedJobs": counts.get("failed", 0) + counters.get("jobs_failed", 0),
-                "currentQueueSize": counts.get("queued", 0) + counts.get("retrying", 0),
-                "currentProcessingCount": counts.get("processing", 0),
-                "averageProcessingTime": round(avg) if avg is not None else 0,
-                "completedInLast24h": recent.get("completed", 0),
-                "failedInLast24h": recent.get("failed", 0),
-                "byStatus": {s: counts.get(s, 0) for s in STATUSES},
-            }
+        def op(c: Any, _r: bool) -> QueueStats:
+            counts = {r["status"]: r["n"] for r in c.execute(sql.COUNTS).fetchall()}
+            counters = {r["name"]: r["value"] for r in c.execute(sql.COUNTERS).fetchall()}
+            average = c.execute(sql.AVERAGE_MS).fetchone()["a"]
+            recent = {r["status"]: r["n"] for r in c.execute(sql.pg(sql.RECENT), (at - sql.DAY_MS,)).fetchall()}
+            return sql.queue_stats(counts, counters, float(average) if average is not None else None, recent)
 
         return self._run(op)
 
-    def activity(self, since: int) -> list[dict[str, Any]]:
-        """See JobQueue.activity."""
-        return self._run(lambda c, _r: activity_view(c.execute(ACTIVITY_SQL.format(p="%s"), (since,)).fetchall()))
+    def activity(self, since: int) -> list[MinuteActivity]:
+        return self._run(lambda c, _r: sql.activity(c.execute(sql.pg(sql.ACTIVITY), (since,)).fetchall()))
 
-    def waiting_by_priority(self) -> list[dict[str, Any]]:
-        """See JobQueue.waiting_by_priority."""
-        return self._run(lambda c, _r: by_priority_view(c.execute(BY_PRIORITY_SQL).fetchall()))
+    def waiting_by_priority(self) -> list[PriorityCounts]:
+        return self._run(lambda c, _r: sql.by_priority(c.execute(sql.BY_PRIORITY).fetchall()))
 
-    def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
-        """See JobQueue.recent_failures."""
-        return self._run(lambda c, _r: failures_view(c.execute(FAILURES_SQL.format(p="%s"), (limit,)).fetchall()))
+    def recent_failures(self, limit: int = 10) -> list[Job]:
+        return self._run(lambda c, _r: [_job(r) for r in c.execute(sql.pg(sql.FAILURES), (limit,)).fetchall()])
 
     # -- housekeeping ---------------------------------------------------------------------------
-    def expired(self, older_than: int) -> list[dict[str, Any]]:
-        return self._run(lambda c, _r: [dict(r) for r in c.execute(
-            "SELECT id, input_path, output_path FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
-            " AND completed_at < %s LIMIT 1000", (older_than,)).fetchall()])
+    def expired(self, older_than: int, limit: int = 1000) -> list[Job]:
+        return self._run(lambda c, _r: [_job(r) for r in c.execute(
+            "SELECT * FROM jobs WHERE status IN ('completed', 'failed', 'cancelled')"
+            " AND completed_at < %s LIMIT %s", (older_than, limit)).fetchall()])
 
     def delete(self, job_ids: Iterable[str]) -> int:
         ids = list(job_ids)
@@ -511,9 +427,11 @@ class PgJobQueue:
 
         self._run(op)
 
-    def supervisors(self) -> list[dict[str, Any]]:
-        return self._run(lambda c, _r: c.execute(
-            "SELECT * FROM supervisors WHERE kind = 'supervisor' ORDER BY heartbeat_at DESC").fetchall())
+    def supervisors(self) -> list[SupervisorRow]:
+        """Supervisors only (API nodes register in the same table, kind 'api')."""
+        return self._run(lambda c, _r: [SupervisorRow(r["id"], r["hostname"], r["pid"], r["started_at"],
+                                                      r["heartbeat_at"], r["state"] or {}) for r in c.execute(
+            "SELECT * FROM supervisors WHERE kind = 'supervisor' ORDER BY heartbeat_at DESC").fetchall()])
 
     def register_api(self, node_id: str, hostname: str, pid: int, started_at: int) -> None:
         """Record (and refresh) an API node's heartbeat; forget API nodes
