@@ -71,6 +71,7 @@ class ErrorCode(str, Enum):
     SERVER_BUSY = ("SERVER_BUSY", 503)
     CONNECTION_EVICTED = ("CONNECTION_EVICTED", 503)  # an idle connection closed to admit a new one (metrics only)
     INSUFFICIENT_STORAGE = ("INSUFFICIENT_STORAGE", 507)
+    STORAGE_UNAVAILABLE = ("STORAGE_UNAVAILABLE", 503)  # a data directory cannot be written now
     # images (also what a failed job records)
     UNSUPPORTED_FORMAT = ("UNSUPPORTED_FORMAT", 415)
     INVALID_IMAGE = ("INVALID_IMAGE", 422)

@@ -97,4 +97,4 @@ def test_upload_that_cannot_be_stored_gets_503_with_retry_after(served):
     r = wait_for(lambda: (lambda r: r if r.status == 202 else None)(
         http.upload(files=[("image", "c.png", image_bytes("PNG", (40, 40)))])), 10, 0.2, "uploads accepted again")
     assert poll(http, r.json["jobId"])["status"] == "completed"
-    assert svc.queue.stats()["totalJobs"] == 1  # the refused uploads left no row
+    assert svc.store.stats().total == 1  # the refused uploads left no row
