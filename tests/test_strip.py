@@ -15,6 +15,7 @@ from imgworker import imaging
 from imgworker.imaging import Limits, process
 from imgworker.probe import inspect
 from imgworker.strip import strip
+from imgworker.views import result_view
 
 SECRET = b"GPS 48.8584N 2.2945E secret"
 
@@ -141,7 +142,7 @@ def test_original_output_never_carries_metadata(tmp_path, name):
     fmt, data = CASES[name]
     src = tmp_path / "in"
     src.write_bytes(data)
-    result = process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits())
+    result = result_view("j", "in", process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits()))
     path = tmp_path / result["processedFile"]["filename"]
     out = path.read_bytes()
     assert SECRET not in out
@@ -153,7 +154,7 @@ def test_jpeg_original_is_kept_when_smaller(tmp_path):
     fmt, data = CASES["jpeg: GPS between progressive scans"]
     src = tmp_path / "in"
     src.write_bytes(data)
-    result = process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits())
+    result = result_view("j", "in", process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits()))
     assert result["optimization"]["keptOriginalEncoding"] is True
 
 
@@ -166,7 +167,7 @@ def test_a_stripped_file_that_decodes_differently_is_not_kept(tmp_path, monkeypa
     monkeypatch.setattr(imaging, "strip", lambda raw, fmt: other.getvalue())
     src = tmp_path / "in"
     src.write_bytes(data)
-    result = process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits())
+    result = result_view("j", "in", process(src, tmp_path, "j", {"format": "original", "quality": 100}, Limits()))
     assert result["optimization"]["keptOriginalEncoding"] is False
     out = (tmp_path / result["processedFile"]["filename"]).read_bytes()
     assert out != other.getvalue() and SECRET not in out
