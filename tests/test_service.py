@@ -321,4 +321,4 @@ def test_uploads_go_when_no_longer_needed_and_ids_are_uuids(served):
     assert view["status"] == "cancelled" and view["completedAt"] is None and view["cancelledAt"]
     poll(http, slow)
     wait_for(lambda: len(list(svc.storage.uploads.iterdir())) == 1, 5, message="only the failed job's upload left")
-    assert svc.queue.get(broken["jobId"])["input_path"] == str(next(svc.storage.uploads.iterdir()))
+    assert svc.store.get(broken["jobId"]).input_path == str(next(svc.storage.uploads.iterdir()))
