@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import selectors
 import signal
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
