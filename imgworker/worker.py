@@ -22,7 +22,6 @@ from typing import Any
 from .wire import done_message, failed_message, recv, send
 
 
-
 def _die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL us when the supervisor dies (Linux), so a
     kill -9 of the supervisor never leaves a worker running."""
