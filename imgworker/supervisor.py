@@ -10,7 +10,9 @@ Contract:
 - A job past JOB_TIMEOUT_MS has its worker stopped: SIGTERM to its process
   group, SIGKILL KILL_GRACE_S later whatever the worker does (it may be
   stuck in C code, stopped by SIGSTOP or ignoring SIGTERM); the job is
-  retried or failed with TIMEOUT. The stopped worker keeps its slot until
+  retried or failed with TIMEOUT. Timeouts are judged only after reading
+  what the late workers already sent (a supervisor that was itself stalled
+  records their completions, not TIMEOUT). The stopped worker keeps its slot until
   it is reaped, so the pool never exceeds MAX_CONCURRENT_JOBS processes.
 - A worker that dies on its own is reaped at once, logged with its signal,
   replaced, and its job retried (WORKER_CRASHED).
@@ -33,6 +35,7 @@ Contract:
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import time
@@ -357,6 +360,12 @@ class Supervisor:
         ready within BOOT_TIMEOUT_S. Their SIGKILL follows in Pool.escalate."""
         now = self.clock()
         timeout_s = self.cfg.job_timeout_ms / 1000
+        late = [w for w in self.pool.in_state(WorkerState.BUSY) if now - w.job_started >= timeout_s]
+        if late:
+            # After a stall of ours (SIGSTOP, a long database wait) a worker
+            # may have finished long ago: its answer waiting in the socket
+            # wins over the timeout (issue 15 item 14).
+            self.read_waiting(late)
         for w in self.pool.in_state(WorkerState.BUSY):
             if now - w.job_started >= timeout_s:
                 self.counters.timeouts += 1
@@ -386,6 +395,12 @@ class Supervisor:
             self.on_ready(w)
         else:
             self.on_outcome(w, msg)
+
+    def read_waiting(self, workers: list[Worker]) -> None:
+        """Handle every message ``workers`` already sent, without waiting."""
+        for w in workers:
+            while w.state == WorkerState.BUSY and _readable(w.sock):
+                self.on_message(w)
 
     def on_ready(self, w: Worker) -> None:
         self.pool.ready(w)
@@ -601,6 +616,14 @@ class Supervisor:
             if run_at is not None:
                 deadlines.append(now + max(0.0, (run_at - now_ms()) / 1000))
         return max(0.0, min(deadlines) - now)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """True when ``sock`` has data (or EOF) to read now."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def worker_memory_cap_mb(max_rss_mb: int) -> int:

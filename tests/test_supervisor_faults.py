@@ -1,0 +1,30 @@
+"""Faults of the supervisor's surroundings (issue 15, items 7, 13, 14), in
+process: the pool's fake workers and fake clock (test_pool.py), a real
+SQLite file, and a second real connection that holds the database's write
+lock as a `sqlite3` shell would."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from imgworker.model import JobStatus
+from test_pool import live, ready_all, rig, settle, submit  # noqa: F401  (rig is a fixture)
+
+
+def test_a_stalled_supervisor_reads_a_finished_job_before_judging_its_timeout(rig):
+    """Item 14: the supervisor was paused (SIGSTOP) past JOB_TIMEOUT_MS while
+    its worker finished: the answer waiting in the socket wins over the
+    timeout (before: TIMEOUT, the job ran again)."""
+    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
+    ready_all(sup, procs)
+    (job_id,) = submit(sup)
+    settle(sup)
+    (w,) = live(procs)
+    job = w.take_job()
+    w.answer(job)          # the worker finished in time ...
+    clock.advance(5.0)     # ... but the supervisor only wakes up 5 s later
+    sup.step()             # the turn after the stall judges timeouts first
+    done = sup.store.get(job_id)
+    assert done.status == JobStatus.COMPLETED and done.attempts == 1 and done.error_code is None
+    assert sup.counters.timeouts == 0 and procs.signals == []
+    assert live(procs) == [w]  # and its worker was not killed
