@@ -10,7 +10,9 @@ Contract:
 - A job past JOB_TIMEOUT_MS has its worker stopped: SIGTERM to its process
   group, SIGKILL KILL_GRACE_S later whatever the worker does (it may be
   stuck in C code, stopped by SIGSTOP or ignoring SIGTERM); the job is
-  retried or failed with TIMEOUT. Timeouts are judged only after reading
+  retried or failed with TIMEOUT; a job whose previous attempt timed out
+  too is failed at once (a deterministic input that is slow twice is slow
+  every time: retrying it only holds a worker). Timeouts are judged only after reading
   what the late workers already sent (a supervisor that was itself stalled
   records their completions, not TIMEOUT). The stopped worker keeps its slot until
   it is reaped, so the pool never exceeds MAX_CONCURRENT_JOBS processes.
@@ -372,7 +374,15 @@ class Supervisor:
                 LOG.warning("Job timed out after %dms: killing worker %d", self.cfg.job_timeout_ms, w.pid,
                             extra={"job": w.job.id})
                 job = self.pool.stop(w, "timeout", KILL_GRACE_S, signal.SIGTERM)
-                self.settle_failure(job, ErrorCode.TIMEOUT, f"Processing took longer than {self.cfg.job_timeout_ms}ms")
+                message = f"Processing took longer than {self.cfg.job_timeout_ms}ms"
+                if job.error_code == ErrorCode.TIMEOUT:
+                    # the previous attempt timed out too: the same input is
+                    # slow every time, and a third run only blocks a worker
+                    # for another JOB_TIMEOUT_MS (issue 15 item 7)
+                    self.settle_failure(job, ErrorCode.TIMEOUT, message + " on two attempts in a row; not retried",
+                                        transient=False)
+                else:
+                    self.settle_failure(job, ErrorCode.TIMEOUT, message)
         for w in self.pool.in_state(WorkerState.STARTING):
             if now - w.spawned_at >= BOOT_TIMEOUT_S:
                 LOG.error("Worker %d not ready after %gs: killing it", w.pid, BOOT_TIMEOUT_S)
@@ -467,11 +477,13 @@ class Supervisor:
         except OSError:
             pass  # the worker is dying; reaping settles the job
 
-    def settle_failure(self, job: Job, code: ErrorCode, message: str) -> None:
-        """Record a failed attempt; retried or not is the code's business."""
+    def settle_failure(self, job: Job, code: ErrorCode, message: str, transient: bool | None = None) -> None:
+        """Record a failed attempt; retried or not is the code's business
+        unless ``transient`` says otherwise."""
         if code == ErrorCode.IO_ERROR:
             self.storage_allows(check=True)
-        settled = self.store.fail(job.id, self.id, code, message, code.transient, self.policy)
+        settled = self.store.fail(job.id, self.id, code, message,
+                                  code.transient if transient is None else transient, self.policy)
         if settled is None:
             return
         if settled.status == JobStatus.RETRYING:
