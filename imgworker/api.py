@@ -32,6 +32,7 @@ from . import config as config_mod
 from . import imaging, log
 from . import server as server_mod
 from .clock import iso, now_ms
+from .db import StoreUnavailable
 from .errors import ImageError, InvalidParameter, NotFound, QueueFull, ServiceError
 from .housekeeping import Housekeeper, retry_failed
 from .http import JOB_ID, UPLOAD_PATHS, id_forms, body_limit, client_key, client_of, creates_work, json_error, secure
@@ -49,6 +50,8 @@ LOG = log.get("api")
 HEALTH_STALE_MS = 5000
 STORAGE_CHECK_S = 2.0  # how long a check of the data directories' writability is reused
 STORAGE_RETRY_AFTER_S = 30
+STORE_TROUBLE_S = 30.0      # health reports a refused write for this long after it
+STORE_RETRY_AFTER_S = 5     # Retry-After of a 503 SERVICE_UNAVAILABLE
 RATE_LIMITED_TEXT = "Too many requests from this address; try again later"
 DRAIN_S = 10  # on SIGTERM, in-flight requests get this long to finish
 STATIC = Path(__file__).resolve().parent / "static"
@@ -71,6 +74,7 @@ class Api:
         self.started = time.monotonic()
         self._avg: tuple[float, int] = (0.0, 0)
         self._storage: tuple[float, list[str]] = (-STORAGE_CHECK_S, [])  # (checked at, problems)
+        self._store_trouble: tuple[float, str] | None = None  # (monotonic, reason) of the last refused write
         self.app = bottle.Bottle()
         self.app.config["catchall"] = False  # our boundary handles errors; never a traceback page
         self.app.install(self._boundary)
@@ -103,6 +107,14 @@ class Api:
                 LOG.error("Upload not stored on %s: %s: %s", bottle.request.path, type(exc).__name__, exc)
                 return self._error(503, "The server cannot store uploads right now; try again later",
                                    "STORAGE_UNAVAILABLE", {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+            except StoreUnavailable as exc:
+                # locked past the wait, disk full, server gone: nothing was
+                # written (uploads were removed with the rolled-back rows)
+                self._store_trouble = (time.monotonic(), str(exc))
+                self.metrics.rejected(ErrorCode.SERVICE_UNAVAILABLE)
+                LOG.error("Refused %s %s: %s", bottle.request.method, bottle.request.path, exc)
+                return self._error(503, "The service cannot store jobs right now; try again later",
+                                   ErrorCode.SERVICE_UNAVAILABLE, {"Retry-After": str(STORE_RETRY_AFTER_S)})
             except Exception:
                 LOG.exception("Unhandled error on %s %s", bottle.request.method, bottle.request.path)
                 return self._error(500, "Internal server error", "INTERNAL_ERROR")
@@ -293,6 +305,7 @@ class Api:
                 except FileNotFoundError:
                     pass
             raise
+        self._store_trouble = None  # writes work again
         self.store.notify()
         self.metrics.accepted(len(jobs), sum(j.input_size for j in jobs))
         return positions
@@ -562,6 +575,11 @@ class Api:
         if problems:
             payload.update(status="degraded", reason="cannot write to the data directory: " + "; ".join(problems)
                            + " (uploads get 503, jobs wait and retry)")
+            return self._json(503, payload)
+        trouble = self._store_trouble
+        if trouble is not None and time.monotonic() - trouble[0] < STORE_TROUBLE_S:
+            payload.update(status="degraded", database="unavailable", reason=f"the database refused a write "
+                           f"{time.monotonic() - trouble[0]:.0f} s ago ({trouble[1]}): uploads get 503")
             return self._json(503, payload)
         if not live:
             last = max((s.heartbeat_at for s in rows), default=None)

@@ -36,8 +36,11 @@ class DatabaseError(StoreError):
 
 
 class StoreUnavailable(DatabaseError):
-    """The database server stayed unreachable past the store's reconnect
-    budget: the caller skips this round (the supervisor) or answers 503."""
+    """The database cannot be written now: the server stayed unreachable
+    past the store's reconnect budget (PostgreSQL), or the file stayed locked
+    past WRITE_WAIT_S or its disk is full or failing (SQLite). The caller
+    backs off and tries again (the supervisor) or answers 503 with
+    Retry-After (the API); nothing was written."""
 
 
 def check_sqlite_version(version: str = sqlite3.sqlite_version) -> None:
@@ -84,30 +87,50 @@ def connect(path: Path | str, durable: bool = True, must_exist: bool = False) ->
     return conn
 
 
+WRITE_WAIT_S = 15.0       # how long a write waits for the lock in all before StoreUnavailable
+_UNAVAILABLE = ("locked", "busy", "disk is full", "disk i/o error")
+
+
+def unavailable(exc: sqlite3.OperationalError) -> bool:
+    """The database cannot take writes now (locked past the wait, its disk
+    full or failing), as opposed to a bug in a statement."""
+    return any(mark in str(exc).lower() for mark in _UNAVAILABLE)
+
+
 @contextmanager
 def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error.
 
     The busy timeout makes BEGIN IMMEDIATE wait for the write lock; should it
     still report "locked" (the busy handler gave up under heavy contention),
-    we wait and try again rather than let the error escape to a caller.
+    we wait and try again rather than let the error escape to a caller, for
+    WRITE_WAIT_S in all. A lock held longer than that (an operator's shell
+    in BEGIN IMMEDIATE), or a disk that is full or failing, raises
+    :class:`StoreUnavailable` with nothing written: callers back off
+    (supervisor) or answer 503 with Retry-After (API).
     """
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + WRITE_WAIT_S
     while True:
         try:
             conn.execute("BEGIN IMMEDIATE")
             break
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                if unavailable(exc):
+                    raise StoreUnavailable(f"database cannot take writes: {exc}") from exc
                 raise
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"database is locked (waited {WRITE_WAIT_S:g} s for the write lock)") from exc
             time.sleep(0.005)
     try:
         yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    else:
         conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:  # a failed COMMIT (disk full) can leave it open
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and unavailable(exc):
+            raise StoreUnavailable(f"database cannot take writes: {exc}") from exc
+        raise
 
 
 def migrations_dir() -> Path:

@@ -69,6 +69,7 @@ class ErrorCode(str, Enum):
     NOT_IMPLEMENTED = ("NOT_IMPLEMENTED", 501)
     TOO_MANY_CONNECTIONS = ("TOO_MANY_CONNECTIONS", 503)
     SERVER_BUSY = ("SERVER_BUSY", 503)
+    SERVICE_UNAVAILABLE = ("SERVICE_UNAVAILABLE", 503)  # the database cannot take writes (locked, disk full)
     CONNECTION_EVICTED = ("CONNECTION_EVICTED", 503)  # an idle connection closed to admit a new one (metrics only)
     INSUFFICIENT_STORAGE = ("INSUFFICIENT_STORAGE", 507)
     STORAGE_UNAVAILABLE = ("STORAGE_UNAVAILABLE", 503)  # a data directory cannot be written now

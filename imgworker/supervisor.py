@@ -68,6 +68,8 @@ SHUTDOWN_REAP_S = 2.0     # how long shutdown waits for idle workers to exit on 
 BOOT_TIMEOUT_S = 30.0     # a worker not ready by then is killed (a boot failure)
 BOOT_BACKOFF_S = 1.0      # pause before replacing a worker that died while starting; doubles
 BOOT_BACKOFF_MAX_S = 30.0
+DB_BACKOFF_S = 1.0        # pause after a turn the database could not be written in; doubles
+DB_BACKOFF_MAX_S = 8.0
 BOOT_FAILURE_LIMIT = 5    # boot failures in a row after which the supervisor stops
 EXIT_BOOT_FAILURE = 3
 LEASE_GRACE_MS = 10_000
@@ -87,6 +89,7 @@ class Counters:
     crashes: int = 0
     recycled: int = 0
     spawned: int = 0
+    db_unavailable: int = 0         # turns ended because the database could not be written
     failed_by_code: dict[str, int] = field(default_factory=dict)
     bytes_in: int = 0               # input bytes of completed jobs
     bytes_out: int = 0              # output bytes they produced
@@ -141,6 +144,8 @@ class Supervisor:
         self.announced = False            # READY=1 sent to systemd
         self.signals_installed = False
         self.wake: Any = None             # the store's wake-up listener (store.listen)
+        self.unsettled: list[Callable[[], Any]] = []  # outcome writes the database refused; redone first
+        self.db_failures = 0              # turns in a row ended by StoreUnavailable
         self._apply(cfg)
 
     def _apply(self, cfg: config_mod.Config) -> None:
@@ -156,21 +161,38 @@ class Supervisor:
         self.install_signals()
         self.start()
         try:
-            while True:
-                try:
-                    if self.step():
-                        break
-                    self.sleep()
-                except db.StoreUnavailable as exc:  # keep the pool; try again in a second
-                    LOG.error("Database unavailable: %s", exc)
-                    time.sleep(1)
+            while not self.turn():
+                pass
         finally:
             self.shutdown()
         return self.exit_code
 
+    def turn(self) -> bool:
+        """One step and the wait after it; True once a stop has drained.
+
+        A database that cannot take writes (locked past db.WRITE_WAIT_S, its
+        disk full, a PostgreSQL server gone) never stops the supervisor: the
+        turn ends, the pool keeps running, outcomes already received are kept
+        in memory (``unsettled``) and written first once it works again, and
+        the next turn waits DB_BACKOFF_S, doubling up to DB_BACKOFF_MAX_S."""
+        try:
+            if self.step():
+                return True
+            self.db_failures = 0
+            self.sleep()
+        except db.StoreUnavailable as exc:
+            delay = min(DB_BACKOFF_MAX_S, DB_BACKOFF_S * 2 ** self.db_failures)
+            self.db_failures += 1
+            self.counters.db_unavailable += 1
+            LOG.error("Database unavailable (%s): %d outcome(s) kept in memory, trying again in %gs", exc,
+                      len(self.unsettled), delay)
+            time.sleep(delay)
+        return False
+
     def step(self) -> bool:
         """One turn of the main loop. True once a stop has drained."""
         self.dispatch_signals()
+        self.write_unsettled()
         self.reap_workers()
         if self.stopping and self.drained():
             return True
@@ -303,8 +325,11 @@ class Supervisor:
     def release(self, w: Worker, why: str) -> None:
         """Kill a busy worker now and give its job back without spending an attempt."""
         job = self.pool.stop(w, why, 0)
-        if job and self.store.release(job.id, self.id):
-            LOG.info("Returned to the queue (%s)", why, extra={"job": job.id})
+        try:
+            if job and self.store.release(job.id, self.id):
+                LOG.info("Returned to the queue (%s)", why, extra={"job": job.id})
+        except db.StoreUnavailable as exc:  # its lease expires and recovery takes it back
+            LOG.error("Could not return the job to the queue (%s): %s", why, exc, extra={"job": job.id})
 
     # -- the pool -----------------------------------------------------------------------
     def spawn_workers(self) -> None:
@@ -442,17 +467,25 @@ class Supervisor:
 
     def on_done(self, w: Worker, job: Job, outcome: Outcome, elapsed_ms: int, take_next: bool) -> None:
         output = str(self.storage.processed / output_filename(job.id, outcome.output_format))
+
+        def completed(done: bool) -> None:
+            if done:
+                self.counters.observe(elapsed_ms, outcome)
+                LOG.info("Job completed in %dms", elapsed_ms, extra={"job": job.id})
+                self.storage.discard_upload(job.input_path)  # a completed job is never retried
+
         if take_next and not self.stopping and self.memory_allows():
             # the common path: settle and take the next job in one commit
-            done, following = self.store.complete_and_claim(job.id, self.id, outcome, output, self.lease_ms)
+            try:
+                done, following = self.store.complete_and_claim(job.id, self.id, outcome, output, self.lease_ms)
+            except db.StoreUnavailable:
+                self.unsettled.append(lambda: completed(self.store.complete(job.id, self.id, outcome, output)))
+                raise
+            completed(done)
+            if following is not None:
+                self.start_job(w, following)
         else:
-            done, following = self.store.complete(job.id, self.id, outcome, output), None
-        if done:
-            self.counters.observe(elapsed_ms, outcome)
-            LOG.info("Job completed in %dms", elapsed_ms, extra={"job": job.id})
-            self.storage.discard_upload(job.input_path)  # a completed job is never retried
-        if following is not None:
-            self.start_job(w, following)
+            self.write_or_keep(lambda: completed(self.store.complete(job.id, self.id, outcome, output)))
 
     # -- jobs ----------------------------------------------------------------------------
     def assign_jobs(self) -> None:
@@ -482,8 +515,11 @@ class Supervisor:
         unless ``transient`` says otherwise."""
         if code == ErrorCode.IO_ERROR:
             self.storage_allows(check=True)
-        settled = self.store.fail(job.id, self.id, code, message,
-                                  code.transient if transient is None else transient, self.policy)
+        self.write_or_keep(lambda: self._failed(job, code, message,
+                                                code.transient if transient is None else transient))
+
+    def _failed(self, job: Job, code: ErrorCode, message: str, transient: bool) -> None:
+        settled = self.store.fail(job.id, self.id, code, message, transient, self.policy)
         if settled is None:
             return
         if settled.status == JobStatus.RETRYING:
@@ -494,6 +530,22 @@ class Supervisor:
             self.counters.failed += 1
             self.counters.failed_by_code[code] = self.counters.failed_by_code.get(code, 0) + 1
             LOG.warning("Job failed: %s (%s)", message, code, extra={"job": job.id})
+
+    def write_or_keep(self, write: Callable[[], Any]) -> None:
+        """Record an outcome; if the database cannot take it now, keep it for
+        :meth:`write_unsettled` (the worker's work is never thrown away) and
+        let StoreUnavailable end the turn."""
+        try:
+            write()
+        except db.StoreUnavailable:
+            self.unsettled.append(write)
+            raise
+
+    def write_unsettled(self) -> None:
+        """Write the outcomes the database refused earlier, oldest first."""
+        while self.unsettled:
+            self.unsettled[0]()
+            self.unsettled.pop(0)
 
     def memory_allows(self) -> bool:
         self.memory = self.memprobe.read()
@@ -534,7 +586,7 @@ class Supervisor:
             self.next_heartbeat = now + HEARTBEAT_S
             if not self.pool.busy:
                 self.memory = self.memprobe.read()
-            self.heartbeat()
+            self.heartbeat(strict=True)
             self.recover()
             self.listen()
         if now >= self.next_cleanup:
@@ -542,6 +594,8 @@ class Supervisor:
             try:
                 Housekeeper(self.store, self.storage).cleanup(self.cfg.job_retention_ms)
                 self.store.maintain()
+            except db.StoreUnavailable:
+                raise
             except Exception:
                 LOG.exception("Cleanup failed")
 
@@ -563,12 +617,19 @@ class Supervisor:
             "uptime": round(self.clock() - self.started_mono, 1),
         }
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, strict: bool = False) -> None:
         """Publish our state for the API, and tell systemd's watchdog the loop
         still turns (only when the database write worked: a supervisor that
-        cannot reach its database is better restarted)."""
+        cannot reach its database is better restarted). ``strict`` (the
+        periodic one): StoreUnavailable ends the turn, so that a locked
+        database costs one wait per turn, not one per write."""
         try:
             self.store.heartbeat(self.id, self.cfg.node_name, os.getpid(), self.started_ms, self.state())
+        except db.StoreUnavailable:
+            if strict:
+                raise
+            LOG.error("Heartbeat failed: the database is unavailable")
+            return
         except Exception:
             LOG.exception("Heartbeat failed")
             return
@@ -592,6 +653,8 @@ class Supervisor:
                 removed = self.storage.remove_partial_outputs()
                 if removed:
                     LOG.info("Removed %d half-written outputs of a previous run", removed)
+        except db.StoreUnavailable:
+            raise
         except Exception:
             LOG.exception("Recovery failed")
 

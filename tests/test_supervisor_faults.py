@@ -5,8 +5,13 @@ lock as a `sqlite3` shell would."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
+import pytest
+
+from imgworker import db
+from imgworker import supervisor as sup_mod
 from imgworker.model import JobStatus
 from test_pool import live, ready_all, rig, settle, submit  # noqa: F401  (rig is a fixture)
 
@@ -50,3 +55,99 @@ def test_a_job_that_times_out_twice_in_a_row_is_not_retried_again(rig):
             assert job.status == JobStatus.RETRYING
     assert job.status == JobStatus.FAILED and "two attempts in a row" in job.error
     assert sup.counters.timeouts == 2 and sup.counters.failed_by_code == {"TIMEOUT": 1}
+
+
+@pytest.fixture
+def short_lock_wait(monkeypatch):
+    """A write gives up on a held lock after 0.3 s instead of WRITE_WAIT_S."""
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(db, "WRITE_WAIT_S", 0.3)
+    monkeypatch.setattr(sup_mod, "DB_BACKOFF_S", 0.01)
+    monkeypatch.setattr(sup_mod, "DB_BACKOFF_MAX_S", 0.05)
+
+
+def hold_write_lock(path):
+    """What `sqlite3 jobs.db` then `BEGIN IMMEDIATE;` does."""
+    shell = sqlite3.connect(path, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    return shell
+
+
+def test_a_locked_database_never_stops_the_supervisor_and_loses_no_outcome(rig, short_lock_wait):
+    """Item 13: a shell holds the write lock past the wait while a job
+    finishes and another waits (before: `database is locked` escaped from
+    claim/complete and the supervisor died)."""
+    sup, procs, clock = rig(JOB_TIMEOUT_MS=60_000)
+    ready_all(sup, procs)
+    first, second = submit(sup, 2)
+    for _ in range(3):
+        sup.turn()
+    (w,) = live(procs)
+    job = w.take_job()
+    assert job["id"] == first
+    shell = hold_write_lock(sup.cfg.database_path)
+    w.answer(job)
+    for _ in range(5):
+        assert sup.turn() is False  # survives every turn
+    assert sup.counters.db_unavailable >= 2 and sup.unsettled  # the outcome is kept, not dropped
+    assert sup.store.get(first).status == JobStatus.PROCESSING
+    shell.execute("ROLLBACK")
+    shell.close()
+    for _ in range(5):
+        sup.turn()
+    done = sup.store.get(first)
+    assert done.status == JobStatus.COMPLETED and done.attempts == 1 and not sup.unsettled
+    assert w.take_job()["id"] == second  # claiming resumed
+    assert sup.store.get(second).status == JobStatus.PROCESSING
+
+
+def test_a_full_disk_under_the_database_never_stops_the_supervisor(rig, short_lock_wait):
+    """Item 13: the database's disk fills (simulated with max_page_count on
+    the supervisor's own connection: SQLITE_FULL, "database or disk is
+    full", as from a full filesystem) while a job fails."""
+    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
+    ready_all(sup, procs)
+    (job_id,) = submit(sup)
+    sup.turn()
+    (w,) = live(procs)
+    assert w.take_job()["id"] == job_id
+    pages = sup.store.conn.execute("PRAGMA page_count").fetchone()[0]
+    sup.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    filler = "x" * 100_000  # the heartbeat's state no longer fits
+    sup.pause_reason = filler
+    clock.advance(2.0)
+    for _ in range(3):
+        assert sup.turn() is False
+    assert sup.counters.db_unavailable >= 1
+    sup.pause_reason = None
+    sup.store.conn.execute("PRAGMA max_page_count = 1073741823")
+    for _ in range(3):
+        sup.turn()
+    job = sup.store.get(job_id)
+    assert job.status == JobStatus.RETRYING and job.error_code == "TIMEOUT" and job.attempts == 1
+
+
+def test_api_answers_503_with_retry_after_while_the_database_is_locked(api_server, short_lock_wait):
+    """Item 13 at the edge: an upload while a shell holds the write lock gets
+    503 SERVICE_UNAVAILABLE with Retry-After (before: 500 INTERNAL_ERROR after
+    60 s), leaves no row and no file, health says why; once the lock is
+    released uploads are accepted and health is ok about the database again."""
+    from helpers import image_bytes
+
+    http, api = api_server()
+    shell = hold_write_lock(api.cfg.database_path)
+    try:
+        r = http.upload(files=[("image", "a.png", image_bytes("PNG"))])
+        assert r.status == 503 and r.json["code"] == "SERVICE_UNAVAILABLE", r.body
+        assert int(r.getheader("Retry-After")) > 0
+        health = http.get("/api/health")
+        assert health.status == 503 and health.json["database"] == "unavailable"
+        assert "locked" in health.json["reason"]
+        assert os.listdir(api.storage.uploads) == [] and os.listdir(api.storage.tmp) == []
+        assert api.store.stats().total == 0
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    r = http.upload(files=[("image", "a.png", image_bytes("PNG"))])
+    assert r.status == 202, r.body
+    assert http.get("/api/health").json["database"] == "ok"
