@@ -6,13 +6,16 @@ lock as a `sqlite3` shell would."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import time
 
 import pytest
 
 from imgworker import db
 from imgworker import supervisor as sup_mod
-from imgworker.model import JobStatus
+from imgworker.model import WAITING, JobStatus
+from conftest import wait_for
 from test_pool import live, ready_all, rig, settle, submit  # noqa: F401  (rig is a fixture)
 
 
@@ -151,3 +154,55 @@ def test_api_answers_503_with_retry_after_while_the_database_is_locked(api_serve
     r = http.upload(files=[("image", "a.png", image_bytes("PNG"))])
     assert r.status == 202, r.body
     assert http.get("/api/health").json["database"] == "ok"
+
+
+# -- the same faults on a real supervisor process --------------------------------------------
+
+def _photo():
+    from helpers import image_bytes
+
+    return image_bytes("JPEG", (640, 480), quality=90)
+
+
+def test_real_supervisor_sigstopped_past_the_timeout_records_the_finished_job(service):
+    """Item 14 on a real process tree: the supervisor is SIGSTOPped for 2.5 s
+    (JOB_TIMEOUT_MS 1.5 s) while its worker finishes a 0.3 s job."""
+    svc = service(MAX_CONCURRENT_JOBS=1, JOB_TIMEOUT_MS=1500)
+    wait_for(lambda: svc.state().get("workers", {}).get("alive") == 1, 15, message="pool up")
+    job_id = svc.submit(_photo(), _testSleepMs=300)
+    wait_for(lambda: svc.store.get(job_id).status == JobStatus.PROCESSING, 5, message="claimed")
+    os.kill(svc.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # the fault itself: a stall longer than JOB_TIMEOUT_MS
+    finally:
+        os.kill(svc.proc.pid, signal.SIGCONT)
+    job = wait_for(lambda: (j := svc.store.get(job_id)).status not in WAITING + (JobStatus.PROCESSING,) and j,
+                   10, message="settled")
+    assert job.status == JobStatus.COMPLETED and job.attempts == 1 and job.error_code is None, job
+    assert "timed out" not in svc.log()
+
+
+@pytest.mark.parametrize("hold_s", [pytest.param(3, id="quick"), pytest.param(75, id="75s", marks=pytest.mark.slow)])
+def test_real_supervisor_outlives_a_held_write_lock_and_loses_nothing(service, hold_s):
+    """Item 13 on a real process: a shell holds BEGIN IMMEDIATE for
+    ``hold_s`` while jobs finish and more arrive. Quick: writes give up after
+    0.5 s (test hook); slow: the real 15 s wait and the issue's 75 s lock."""
+    env = {"IMGWORKER_TEST_WRITE_WAIT_S": "0.5"} if hold_s < 10 else {}
+    svc = service(MAX_CONCURRENT_JOBS=2, JOB_TIMEOUT_MS=120_000, **env)
+    wait_for(lambda: svc.state().get("workers", {}).get("alive") == 2, 15, message="pool up")
+    running = [svc.submit(_photo(), _testSleepMs=500) for _ in range(2)]
+    wait_for(lambda: all(svc.store.get(j).status == JobStatus.PROCESSING for j in running), 5, message="claimed")
+    shell = hold_write_lock(svc.store.path)
+    try:
+        deadline = time.monotonic() + hold_s
+        while time.monotonic() < deadline:
+            assert svc.proc.poll() is None, svc.log()[-2000:]
+            time.sleep(0.2)
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    later = [svc.submit(_photo()) for _ in range(3)]
+    wait_for(lambda: all(svc.store.get(j).status == JobStatus.COMPLETED for j in running + later), 60,
+             message="every job completed")
+    assert all(svc.store.get(j).attempts == 1 for j in running + later)  # each ran once: no outcome lost
+    assert svc.proc.poll() is None and "Database unavailable" in svc.log()

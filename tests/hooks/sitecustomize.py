@@ -23,3 +23,11 @@ if os.environ.get("IMGWORKER_TEST_HOOKS") == "1":
         return _process(src, out_dir, job_id, {k: v for k, v in options.items() if not k.startswith("_")}, limits)
 
     _imaging.process = _process_with_sleep
+
+    if os.environ.get("IMGWORKER_TEST_WRITE_WAIT_S"):
+        # a held lock refuses writes after this long instead of 15 s (the
+        # database-locked tests: the same code path, minutes shorter)
+        import imgworker.db as _db
+
+        _db.WRITE_WAIT_S = float(os.environ["IMGWORKER_TEST_WRITE_WAIT_S"])
+        _db.BUSY_TIMEOUT_MS = min(_db.BUSY_TIMEOUT_MS, int(_db.WRITE_WAIT_S * 1000))
