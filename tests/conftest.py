@@ -72,7 +72,7 @@ def add_jobs(store, tmp_path):
     """Enqueue n jobs; returns their ids in submission order."""
     counter = iter(range(10**9))
 
-    def add(n=1, priority=0, max_queue=10**9, max_attempts=4, batch_id=None, **options):
+    def add(n=1, priority=0, max_queue=10**9, max_attempts=4, batch_id=None, client="", **options):
         ids = []
         jobs = []
         for _ in range(n):
@@ -80,7 +80,7 @@ def add_jobs(store, tmp_path):
             job_id = f"job-{i:06d}"
             ids.append(job_id)
             jobs.append(NewJob(job_id, str(tmp_path / f"in-{i}"), f"f{i}.jpg", 10,
-                               priority=priority, options=options, batch_id=batch_id))
+                               priority=priority, options=options, batch_id=batch_id, client=client))
         store.enqueue(jobs, max_queue, max_attempts)
         return ids
 

@@ -10,7 +10,6 @@ import zipfile
 import pytest
 
 from imgworker import db
-from imgworker.store import NewJob
 from imgworker.store.sqlite import SqliteStore
 
 
@@ -27,14 +26,17 @@ def test_upgrade_from_previous_version_keeps_rows(tmp_path):
     conn = db.connect(tmp_path / "a.db")
     latest = db.available_migrations()[-1][0]
     db.migrate(conn, target=latest - 1)
-    q = SqliteStore(tmp_path / "a.db")
-    q.enqueue([NewJob("old-1", "/in", "cat.jpg", 5), NewJob("old-2", "/in", "dog.png", 6)], 10, 1)
+    # rows as the previous version wrote them (today's store writes today's columns)
+    for job_id, name in (("old-1", "cat.jpg"), ("old-2", "dog.png")):
+        conn.execute("INSERT INTO jobs (id, status, max_attempts, run_at, created_at, input_path, original_name,"
+                     " input_size) VALUES (?, 'queued', 1, 0, 0, '/in', ?, 5)", (job_id, name))
     assert db.migrate(conn) == [db.available_migrations()[-1][2].name]
     ids = {r[0] for r in conn.execute("SELECT id FROM jobs")}
     assert ids == {"old-1", "old-2"}
     # the newest migration's objects work on the old rows
     rows = conn.execute("SELECT id, status FROM job_summary ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [("old-1", "queued"), ("old-2", "queued")]
+    assert SqliteStore(tmp_path / "a.db").claim("s", 1000).id == "old-1"  # and today's claim takes them
 
 
 def test_failed_migration_rolls_back(tmp_path):

@@ -319,3 +319,23 @@ def test_attempt_limit_is_read_when_a_failure_is_settled(store, add_jobs):
     assert store.get(a).max_attempts == 1
     job = store.claim("s", 1000)
     assert store.fail(job.id, "s", ErrorCode.TIMEOUT, "slow", True, RetryPolicy()).status == "retrying"  # the row's 4
+
+
+def test_clients_at_one_priority_take_turns(store, add_jobs):
+    """Issue 15 item 8: a client's backlog does not starve another client at
+    the same priority (before: b's job waited behind all of a's)."""
+    a = add_jobs(4, client="198.51.100.7")
+    b = add_jobs(2, client="203.0.113.9")
+    c = add_jobs(1, client="2001:db8::/64")
+    order = [store.claim("s1", 60_000).id for _ in range(3)]
+    assert order == [a[0], b[0], c[0]]  # each client's oldest, one each
+    assert store.claim("s1", 60_000).id == a[1]  # all have one running: oldest head
+    store.complete(a[0], "s1", make_outcome(), "/out")
+    store.complete(a[1], "s1", make_outcome(), "/out")
+    assert store.claim("s1", 60_000).id == a[2]  # a has none running now, b and c one each
+    store.complete(b[0], "s1", make_outcome(), "/out")
+    assert store.claim("s1", 60_000).id == b[1]  # fewer running beats older (a[3])
+    urgent = add_jobs(1, priority=3, client="198.51.100.7")
+    assert store.claim("s1", 60_000).id == urgent[0]  # priority still comes first, whoever runs most
+    assert store.claim("s1", 60_000).id == a[3]
+    assert store.claim("s1", 60_000) is None

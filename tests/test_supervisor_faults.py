@@ -206,3 +206,15 @@ def test_real_supervisor_outlives_a_held_write_lock_and_loses_nothing(service, h
              message="every job completed")
     assert all(svc.store.get(j).attempts == 1 for j in running + later)  # each ran once: no outcome lost
     assert svc.proc.poll() is None and "Database unavailable" in svc.log()
+
+
+def test_uploads_record_their_client_for_the_fair_claim(api_server):
+    """Item 8: the job row carries the client the claim shares by (the peer
+    here; behind TRUST_PROXY the address the proxy added)."""
+    from helpers import image_bytes
+
+    http, api = api_server()
+    r = http.upload(files=[("image", "a.png", image_bytes("PNG"))])
+    assert r.status == 202, r.body
+    (client,) = api.store.conn.execute("SELECT client FROM jobs WHERE id = ?", (r.json["jobId"],)).fetchone()
+    assert client == "127.0.0.1"

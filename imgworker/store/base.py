@@ -65,6 +65,7 @@ class NewJob:
     priority: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     batch_id: str | None = None
+    client: str = ""  # who submitted it (http.client_of the peer, after TRUST_PROXY): claims share by client
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,10 @@ class JobStore(Protocol):
 
     # -- consuming ----------------------------------------------------------------------
     def claim(self, owner: str, lease_ms: int, now: int | None = None) -> Job | None:
-        """Take the next claimable job (highest priority, then oldest, whose
-        ``run_at`` has come) for ``owner``: ``processing``, one more attempt,
+        """Take the next claimable job (``run_at`` has come) for ``owner``:
+        the highest priority; within it the client with the fewest
+        ``processing`` jobs (clients at one priority take turns, so one
+        client's backlog never starves another), then the oldest. ``processing``, one more attempt,
         a lease expiring at now + ``lease_ms``. None when there is none."""
 
     def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:

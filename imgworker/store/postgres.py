@@ -187,11 +187,18 @@ class PgStore(ThreadConnections):
         return ahead + 1
 
     # -- consuming ------------------------------------------------------------------------
+    # Within the highest claimable priority, the client with the fewest
+    # running jobs, then the oldest: clients at one priority take turns.
+    # Every candidate row is ranked (not only each client's head) so that a
+    # row locked by another claimer is skipped for the next, never waited for.
     _CLAIM = (
         "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
         " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
-        " WHERE seq = (SELECT seq FROM jobs WHERE status IN ('queued', 'retrying') AND run_at <= %(now)s"
-        "   ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status IN ('queued', 'retrying') AND j.run_at <= %(now)s"
+        "   AND j.priority = (SELECT max(priority) FROM jobs WHERE status IN ('queued', 'retrying')"
+        "                     AND run_at <= %(now)s)"
+        "   ORDER BY (SELECT count(*) FROM jobs r WHERE r.status = 'processing' AND r.client = j.client), j.seq"
+        "   LIMIT 1 FOR UPDATE SKIP LOCKED)"
         " RETURNING *"
     )
 

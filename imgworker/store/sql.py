@@ -21,8 +21,8 @@ IS_FINISHED = _in(FINISHED)
 
 COUNT_WAITING = f"SELECT count(*) AS n FROM jobs WHERE {IS_WAITING}"
 INSERT = ("INSERT INTO jobs (id, batch_id, status, priority, max_attempts, run_at, created_at,"
-          " input_path, original_name, input_size, input_format, options)"
-          " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq")
+          " input_path, original_name, input_size, input_format, options, client)"
+          " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq")
 SETTLE_RETRY = ("UPDATE jobs SET status = 'retrying', run_at = ?, error_code = ?, error = ?, max_attempts = ?,"
                 " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?")
 SETTLE_FAIL = ("UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error = ?, max_attempts = ?,"
@@ -68,7 +68,7 @@ def insert_jobs(jobs: list[NewJob], waiting: int, max_queue_size: int, max_attem
     same_priority = len({j.priority for j in jobs}) == 1
     for j in jobs:
         seq = insert((j.id, j.batch_id, j.priority, max_attempts, now, now, j.input_path, j.original_name,
-                      j.input_size, j.input_format, encode_options(j.options)))
+                      j.input_size, j.input_format, encode_options(j.options), j.client))
         if same_priority and positions:  # each one right behind the previous
             positions.append(positions[-1] + 1)
         else:

@@ -25,6 +25,31 @@ _WAITING = sql.IS_WAITING
 _FINISHED = sql.IS_FINISHED
 
 
+# The claim, in one statement: the highest claimable priority (jobs_claim);
+# its clients, one index probe each (a skip-scan of jobs_fair); each one's
+# oldest claimable job; then the client with the fewest running jobs
+# (jobs_running), then the oldest. Clients at one priority take turns, at a
+# cost that grows with the number of clients, not of jobs.
+_TOP = f"{_WAITING} AND priority = (SELECT p FROM top)"
+_CLAIM = (
+    "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
+    " started_at = :now, lease_owner = :owner, lease_expires_at = :expires"
+    " WHERE seq = ("
+    " WITH RECURSIVE"
+    f"  top(p) AS (SELECT priority FROM jobs INDEXED BY jobs_claim WHERE {_WAITING} AND run_at <= :now"
+    "             ORDER BY priority DESC LIMIT 1),"
+    f"  cl(client) AS (SELECT min(client) FROM jobs INDEXED BY jobs_fair WHERE {_TOP}"
+    f"   UNION ALL SELECT (SELECT min(client) FROM jobs INDEXED BY jobs_fair WHERE {_TOP} AND client > cl.client)"
+    "   FROM cl WHERE cl.client IS NOT NULL),"
+    "  heads(client, seq) AS (SELECT client, (SELECT seq FROM jobs INDEXED BY jobs_fair"
+    f"   WHERE {_TOP} AND client = cl.client AND run_at <= :now ORDER BY seq LIMIT 1)"
+    "   FROM cl WHERE cl.client IS NOT NULL)"
+    " SELECT seq FROM heads WHERE seq IS NOT NULL ORDER BY (SELECT count(*) FROM jobs INDEXED BY jobs_running"
+    "  WHERE status = 'processing' AND client = heads.client), seq LIMIT 1)"
+    " RETURNING *"
+)
+
+
 def _job(row: sqlite3.Row | None) -> Job | None:
     return None if row is None else job_from_row(row, json.loads(row["options"] or "{}"))
 
@@ -104,14 +129,7 @@ class SqliteStore(ThreadConnections):
             return self._claim(c, owner, lease_ms, now)
 
     def _claim(self, c: sqlite3.Connection, owner: str, lease_ms: int, now: int) -> Job | None:
-        row = c.execute(
-            "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
-            " started_at = ?, lease_owner = ?, lease_expires_at = ?"
-            f" WHERE seq = (SELECT seq FROM jobs INDEXED BY jobs_claim WHERE {_WAITING}"
-            "   AND run_at <= ? ORDER BY priority DESC, seq LIMIT 1)"
-            " RETURNING *",
-            (now, owner, now + lease_ms, now),
-        ).fetchone()
+        row = c.execute(_CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms}).fetchone()
         return _job(row)
 
     def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
