@@ -4,7 +4,8 @@ contract for several nodes sharing one database (``DATABASE_URL``).
 What PostgreSQL changes (the rest of the contract is base.py's):
 
 - Claim is one statement: ``UPDATE ... WHERE seq = (SELECT ... ORDER BY
-  priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *``. Claimers
+  <running jobs of the row's client>, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING *`` within the top priority. Claimers
   on any node skip rows another claimer has locked instead of waiting for
   them, so N claimers take N different jobs at once.
 - Settle-and-claim and batch enqueue are each one transaction; enqueue takes
@@ -191,25 +192,29 @@ class PgStore(ThreadConnections):
     # running jobs, then the oldest: clients at one priority take turns.
     # Every candidate row is ranked (not only each client's head) so that a
     # row locked by another claimer is skipped for the next, never waited for.
+    # ``id``: the job completed in the same statement (_COMPLETE_AND_CLAIM,
+    # whose claim still sees it processing), None for a plain claim.
     _CLAIM = (
         "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
         " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
         " WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status IN ('queued', 'retrying') AND j.run_at <= %(now)s"
         "   AND j.priority = (SELECT max(priority) FROM jobs WHERE status IN ('queued', 'retrying')"
         "                     AND run_at <= %(now)s)"
-        "   ORDER BY (SELECT count(*) FROM jobs r WHERE r.status = 'processing' AND r.client = j.client), j.seq"
+        "   ORDER BY (SELECT count(*) FROM jobs r WHERE r.status = 'processing' AND r.client = j.client"
+        "             AND r.id IS DISTINCT FROM %(id)s), j.seq"
         "   LIMIT 1 FOR UPDATE SKIP LOCKED)"
         " RETURNING *"
     )
 
     def claim(self, owner: str, lease_ms: int, now: int | None = None) -> Job | None:
-        """Take the next claimable job (highest priority, then oldest) in one
-        statement; rows locked by other claimers are skipped, not waited for."""
+        """Take the next claimable job (highest priority, the client with the
+        fewest running jobs, then oldest) in one statement; rows locked by
+        other claimers are skipped, not waited for."""
         at = now_ms() if now is None else now
         return self._run(lambda c, _r: self._claim(c, owner, lease_ms, at))
 
     def _claim(self, c: Any, owner: str, lease_ms: int, now: int) -> Job | None:
-        row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms}).fetchone()
+        row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms, "id": None}).fetchone()
         return _job(row)
 
     def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
