@@ -40,6 +40,7 @@ import os
 import select
 import selectors
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
