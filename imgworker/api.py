@@ -210,7 +210,7 @@ class Api:
 
     # -- uploads ----------------------------------------------------------------------
     @staticmethod
-    def _client() -> str:
+    def _requester() -> str:
         """The requesting client's key (REMOTE_ADDR: Waitress sets it from
         X-Forwarded-For only with TRUST_PROXY): what the rate limit counts
         and what the claim shares the pool by."""
@@ -220,7 +220,7 @@ class Api:
         """Count ``wanted`` jobs against the client's rate limit; how many
         fit (429 when none does). The client address is REMOTE_ADDR:
         Waitress sets it from X-Forwarded-For only with TRUST_PROXY."""
-        granted, headers = self.ratelimit.take(self._client(), wanted)
+        granted, headers = self.ratelimit.take(self._requester(), wanted)
         bottle.request.environ["imgworker.headers"] = headers
         if not granted:
             self.metrics.rejected("RATE_LIMITED")
@@ -275,7 +275,7 @@ class Api:
         with open(upload.path, "rb") as fh:
             os.fsync(fh.fileno())  # the job row promises the bytes are on disk
         job = NewJob(job_id, str(self.storage.upload_path(job_id, info.format)), upload.filename, upload.size,
-                     info.format, priority, options, batch_id, client=self._client())
+                     info.format, priority, options, batch_id, client=self._requester())
         return job, upload
 
     def _resolve_auto(self, options: dict[str, Any], info: imaging.Probe) -> dict[str, Any]:
