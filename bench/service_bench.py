@@ -208,6 +208,7 @@ class Watch(threading.Thread):
         self.port, self.root, self.stop_at = port, root_pid, threading.Event()
         self.health_ms: list[float] = []
         self.peak_tree = self.peak_one = 0.0
+        self.cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (role, CPU s at the first and last reading)
 
     def run(self) -> None:
         import psutil
@@ -226,10 +227,31 @@ class Watch(threading.Thread):
             for p in [root, *root.children(recursive=True)]:
                 try:
                     rss.append(p.memory_info().rss / 2**20)
+                    t = p.cpu_times()
+                    role, first, _ = self.cpu.get(p.pid) or (_role(p), t.user + t.system, 0.0)
+                    self.cpu[p.pid] = (role, first, t.user + t.system)
                 except psutil.Error:
                     pass
             self.peak_tree = max(self.peak_tree, sum(rss))
             self.peak_one = max(self.peak_one, max(rss, default=0))
+
+
+def _role(p) -> str:
+    """What a process of the service's tree is: api, supervisor, worker, serve or node."""
+    cmd = " ".join(p.cmdline())
+    for mark, role in (("imgworker.worker", "worker"), ("imgworker api", "api"), ("imgworker worker", "supervisor"),
+                       ("imgworker serve", "serve")):
+        if mark in cmd:
+            return role
+    return p.name()
+
+
+def cpu_by_role(cpu: dict[int, tuple[str, float, float]]) -> dict[str, float]:
+    """CPU seconds each role spent during the load (process start-up excluded)."""
+    out: dict[str, float] = {}
+    for role, first, last in cpu.values():
+        out[role] = out.get(role, 0.0) + last - first
+    return out
 
 
 def loadgen(url: str, root_pid: int, repeat: int, out: Path) -> dict:
@@ -244,12 +266,13 @@ def loadgen(url: str, root_pid: int, repeat: int, out: Path) -> dict:
         watch.join()
     s = json.loads(out.read_text())["summary"]
     return {"img_s": s["images_per_s"], "p50": s["latency_e2e_incl_download_ms"]["p50"], "failed": s["failed"],
-            "health": watch.health_ms, "tree": watch.peak_tree, "one": watch.peak_one}
+            "health": watch.health_ms, "tree": watch.peak_tree, "one": watch.peak_one,
+            "images": s.get("completed", 0), "cpu": cpu_by_role(watch.cpu)}
 
 
-def vs_node(rounds: int, repeat: int) -> None:
+def vs_node(rounds: int, repeat: int, only: str | None = None) -> None:
     photos()
-    root = install_seed()
+    root = install_seed() if only != "imgworker" else Path()
     if root is None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="service-bench-"))
@@ -257,6 +280,8 @@ def vs_node(rounds: int, repeat: int) -> None:
     print(f"loadgen.py: 4 clients, mate-backgrounds x{repeat}, 2 workers each, alternating, {rounds} rounds")
     for rnd in range(rounds):
         for name in ("Node original", "imgworker") if rnd % 2 == 0 else ("imgworker", "Node original"):
+            if only and name != {"node": "Node original", "imgworker": "imgworker"}[only]:
+                continue
             if name == "imgworker":
                 svc = Service(MAX_CONCURRENT_JOBS=2, MAX_QUEUE_SIZE=1000, RATE_LIMIT_MAX_REQUESTS=10**6,
                               JOB_TIMEOUT_MS=120000)
@@ -272,7 +297,11 @@ def vs_node(rounds: int, repeat: int) -> None:
             print(f"  {name:13s} {r['img_s']:5.2f} img/s, p50 {r['p50']:6.0f} ms, failed {r['failed']}, health "
                   f"p50 {pct(r['health'], 50):.1f} p99 {pct(r['health'], 99):.1f} ms, peak RSS tree "
                   f"{r['tree']:.0f} MiB (largest process {r['one']:.0f})")
+            n = max(1, r["images"])
+            print("      CPU ms per image: " + ", ".join(f"{k} {v * 1000 / n:.0f}" for k, v in sorted(r["cpu"].items())))
     seed, ours = runs["Node original"], runs["imgworker"]
+    if only:
+        return
     ratio = statistics.fmean(r["img_s"] for r in ours) / statistics.fmean(r["img_s"] for r in seed)
     both = lambda rs, k: " / ".join(f"{r[k]:.0f}" for r in rs)  # noqa: E731
     print(f"img/s ratio imgworker / Node original: {ratio:.2f} (per round: "
@@ -292,13 +321,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="loadgen --repeat (photos per run = 31 x this)")
     ap.add_argument("--vs-pipeline", action="store_true", help="the older comparison with the bare pipeline")
     ap.add_argument("--nodes", type=int, choices=(2,), help="2 nodes on PostgreSQL vs 1 node on SQLite")
+    ap.add_argument("--only", choices=("imgworker", "node"), help="run one service only (profiling)")
     args = ap.parse_args()
     if args.nodes:
         two_nodes(args.rounds)
     elif args.vs_pipeline:
         vs_pipeline(args.rounds)
     else:
-        vs_node(args.rounds, args.repeat)
+        vs_node(args.rounds, args.repeat, args.only)
 
 
 if __name__ == "__main__":
