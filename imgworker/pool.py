@@ -70,11 +70,13 @@ class Worker:
 class Processes:
     """How worker processes are started, signalled and reaped: the real OS."""
 
-    def spawn(self, fd: int, max_mb: int) -> int:
+    def spawn(self, fd: int, max_mb: int, batch: bool = False) -> int:
         """Start ``python -m imgworker.worker`` in its own process group with
-        ``fd`` (one end of a socketpair) inherited; return its pid."""
+        ``fd`` (one end of a socketpair) inherited, its address space capped
+        at ``max_mb`` and, with ``batch``, under SCHED_BATCH; return its pid."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imgworker.worker", str(fd), str(os.getpid()), str(max_mb)],
+            [sys.executable, "-m", "imgworker.worker", str(fd), str(os.getpid()), str(max_mb),
+             "batch" if batch else "normal"],
             pass_fds=(fd,), process_group=0, stdin=subprocess.DEVNULL,
         )
         return proc.pid
@@ -111,6 +113,7 @@ class Pool:
         self.processes = processes
         self.clock = clock
         self.max_mb = max_mb
+        self.batch = False  # start workers under SCHED_BATCH (WORKER_SCHED_BATCH)
         self.workers: dict[int, Worker] = {}
 
     # -- views -------------------------------------------------------------------------
@@ -142,7 +145,7 @@ class Pool:
         """Start a worker in ``slot`` (STARTING). None if the OS refused."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = self.processes.spawn(child.fileno(), self.max_mb)
+            pid = self.processes.spawn(child.fileno(), self.max_mb, self.batch)
         except OSError as exc:
             LOG.error("Could not start a worker: %s", exc)
             parent.close()

@@ -155,6 +155,7 @@ class Supervisor:
         self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms, cfg.max_attempts)
         self.lease_ms = cfg.job_timeout_ms + LEASE_GRACE_MS
         self.pool.max_mb = worker_memory_cap_mb(cfg.worker_max_rss_mb)
+        self.pool.batch = cfg.worker_sched_batch
         log.setup(cfg.log_level)
 
     # -- life cycle ------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A pool worker: a fresh interpreter that runs one job at a time.
 
-Started by the supervisor as ``python -m imgworker.worker FD PPID MAX_MB``
-in its own process group, with one end of a socketpair as FD and an address
-space capped at MAX_MB. It opens no database (the
+Started by the supervisor as ``python -m imgworker.worker FD PPID MAX_MB
+[batch|normal]`` in its own process group, with one end of a socketpair as
+FD, an address space capped at MAX_MB and, with ``batch``, the SCHED_BATCH
+scheduling policy. It opens no database (the
 supervisor writes every outcome) and inherits no connection (close_fds).
 
 Protocol: see wire.py (length-prefixed JSON; a job in, its outcome out;
@@ -74,12 +75,29 @@ def _cap_memory(max_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _schedule_as_batch() -> None:
+    """Run under SCHED_BATCH (Linux): the kernel takes us for CPU-bound work,
+    so the API's and the supervisor's threads (SCHED_OTHER) win wake-ups
+    against a busy worker and answer in milliseconds while the workers fill
+    the cores, yet the worker keeps its full nice-0 share of the CPU. (A
+    nice value would lower that share: on a busy machine such a worker runs
+    slower and hits the wall-clock JOB_TIMEOUT_MS.) Needs no privilege;
+    where the call is refused (another OS, a seccomp filter that returns an
+    error) the worker runs with the default policy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fd, parent = int(argv[0]), int(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent(parent)
     _cap_memory(int(argv[2]) if len(argv) > 2 else 0)
+    if len(argv) > 3 and argv[3] == "batch":
+        _schedule_as_batch()  # before any thread starts: threads inherit the policy
     sock = socket.socket(fileno=fd)
     import PIL.Image  # noqa: F401  (warm the import before the first job)
 

@@ -82,7 +82,7 @@ class FakeProcesses(Processes):
         self.on_spawn = lambda w: None
         self._next = 40000
 
-    def spawn(self, fd, max_mb):
+    def spawn(self, fd, max_mb, batch=False):
         self._next += 1
         w = FakeWorker(self, self._next, socket.socket(fileno=os.dup(fd)))
         self.workers[w.pid] = w

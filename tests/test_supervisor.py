@@ -266,3 +266,33 @@ def test_sigstopped_busy_worker_is_sigkilled_and_the_pool_never_grows(service):
         time.sleep(0.01)
     assert most <= 1 and len(workers()) == 1
     assert "did not stop in time (timeout): SIGKILL" in svc.log()
+
+
+def _policies(pid):
+    """The scheduling policy of every thread of ``pid``."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_workers_run_under_sched_batch_and_the_supervisor_does_not(service):
+    """WORKER_SCHED_BATCH (default on): every thread of every worker, a
+    replacement included, runs under SCHED_BATCH so that the API and the
+    supervisor win wake-ups; the supervisor stays SCHED_OTHER and the jobs flow."""
+    svc = service(MAX_CONCURRENT_JOBS=2)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 2 else None, 15)
+    ids = [svc.submit(PHOTO, name=f"p{i}.jpg") for i in range(3)]
+    wait_for(lambda: all_done(svc, ids), 30, message="jobs completed")
+    for w in pool:
+        assert _policies(w["pid"]) == {os.SCHED_BATCH}, w
+    assert _policies(svc.proc.pid) == {os.SCHED_OTHER}
+    os.kill(pool[0]["pid"], signal.SIGKILL)
+    new = wait_for(lambda: [w["pid"] for w in svc.state()["pool"] if w["pid"] not in {p["pid"] for p in pool}
+                            and w["state"] == "idle"], 15, message="a replacement worker")
+    assert _policies(new[0]) == {os.SCHED_BATCH}
+
+
+def test_workers_keep_the_default_policy_when_asked(service):
+    svc = service(MAX_CONCURRENT_JOBS=1, WORKER_SCHED_BATCH="false")
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
+    job = svc.submit(PHOTO)
+    wait_for(lambda: all_done(svc, [job]), 30)
+    assert _policies(pool[0]["pid"]) == {os.SCHED_OTHER}

@@ -108,3 +108,49 @@ def test_systemd_analyze_verify_with_cluster_drop_in(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def _syscalls(name: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls a SystemCallFilter= item stands for (@groups expanded
+    by systemd-analyze, recursively)."""
+    if not name.startswith("@"):
+        return {name}
+    seen = set() if seen is None else seen
+    if name in seen:
+        return set()
+    seen.add(name)
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            calls |= _syscalls(item, seen)
+    return calls
+
+
+def allowed_syscalls(unit: str) -> set[str]:
+    """What the unit's SystemCallFilter= lines allow, read as systemd does:
+    the first line is an allow list; each later line adds to it, or with ~
+    takes away from it."""
+    lines = directives(UNITS / unit)["SystemCallFilter"]
+    assert not lines[0].startswith("~")
+    allowed: set[str] = set()
+    for line in lines:
+        deny = line.startswith("~")
+        calls = set().union(*(_syscalls(item) for item in line.lstrip("~").split()))
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+def test_worker_unit_lets_a_worker_make_its_own_calls():
+    """The pool's workers move themselves to SCHED_BATCH (sched_setscheduler,
+    in @resources, which the unit otherwise denies: a denied call is SIGSYS)
+    and cap their address space (Python's setrlimit is glibc's prlimit64)."""
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: .ci/deps installs it")
+    allowed = allowed_syscalls("imgworker-worker.service")
+    assert {"sched_setscheduler", "prlimit64", "socketpair", "sendmsg"} <= allowed
+    # the rest of @resources stays denied (no affinity, priority or rlimit games)
+    assert not {"setpriority", "sched_setaffinity", "sched_setattr", "setrlimit"} & allowed
+    assert "sched_setscheduler" not in allowed_syscalls("imgworker-api.service")
