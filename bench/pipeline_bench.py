@@ -95,7 +95,7 @@ def generated() -> list[Path]:
 
 def run_imgworker(src: Path, out_dir: Path, fmt: str, n: int) -> Path:
     job = f"b{n}"
-    process(src, out_dir, job, {"format": fmt, "quality": QUALITY}, Limits(), src.name)
+    process(src, out_dir, job, {"format": fmt, "quality": QUALITY}, Limits())
     return next(out_dir.glob(f"processed_{job}{EXT[fmt]}"))
 
 

@@ -82,6 +82,9 @@ class Probe:
     info: dict[str, Any] = field(default_factory=dict, repr=False)
     within_frame_limit: bool = True
     alpha: bool = False
+    # a DCT JPEG, which libjpeg can decode at a reduced scale (a lossless
+    # one decodes only at full size: libjpeg refuses a scale for it)
+    dct_scalable: bool = False
 
     @property
     def animated(self) -> bool:
@@ -142,7 +145,7 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
             width, height = height, width
         alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
         return im, Probe(kind, width, height, frames, orientation, dict(im.info), frames <= limits.max_frames,
-                         alpha=alpha)
+                         alpha=alpha, dct_scalable=kind == "jpeg" and not header.lossless_jpeg)
     except ImageError:
         im.close()
         raise
@@ -207,13 +210,43 @@ def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     return im.convert("RGB") if im.mode == "CMYK" else im
 
 
-# Quality first (measured with bench/pipeline_bench.py against a float
-# LANCZOS of the full image): libjpeg's DCT scaling and Pillow's box reduce()
-# both alias, so each leaves at least 2x for the final LANCZOS. Decoding JPEG
-# only to the fitted size, or reducing by the whole integer factor, was 7-13 %
-# faster but cost 0.0008-0.003 of mean SSIM (0.015-0.03 on detailed photos).
-_DRAFT_GAP = 2
+# JPEG shrink-on-load (libjpeg-turbo's DCT scaling, M/8 for M in 1..8 on
+# decode): the smallest scale whose output still covers _DRAFT_GAP x the
+# fitted size, then LANCZOS from there. Pillow's draft() offers only 1/2, 1/4
+# and 1/8 (scale_num is always 1); 3/8 is reachable the same way (scale_denom
+# 3 makes libjpeg pick 3/8) and is what a 3000-4000 px photo fitted into
+# 1024 px needs: 2.4x fewer pixels to decode and resize than 4/8. Measured
+# with bench/pipeline_bench.py --variants: see the README.
+_DRAFT_GAP = 1.0
 _REDUCING_GAP = 2.0
+# M/8 -> the scale_denom that makes libjpeg choose it when scale_num is 1
+# (jdmaster.c picks the smallest M with 8 <= denom * M).
+_DCT_SCALES = ((1, 8), (2, 4), (3, 3), (4, 2))
+
+
+def _jpeg_shrink_on_load(im: Image.Image, box: tuple[int, int]) -> None:
+    """Set ``im`` (an unloaded JpegImageFile) to decode at the smallest DCT
+    scale M/8 whose output covers ``box`` x _DRAFT_GAP; leave it alone when no
+    scale below 8/8 does, or when the file is not one plain DCT frame."""
+    width, height = im.size
+    want_w, want_h = box[0] * _DRAFT_GAP, box[1] * _DRAFT_GAP
+    for num, denom in _DCT_SCALES:
+        # libjpeg's output size at M/8: jdiv_round_up(size * M, 8)
+        out_w, out_h = -(-width * num // 8), -(-height * num // 8)
+        if out_w >= want_w and out_h >= want_h:
+            break
+    else:
+        return
+    if len(im.tile) != 1 or im.tile[0][0] != "jpeg" or im.tile[0][1] != (0, 0, width, height):
+        return
+    if im.decoderconfig:
+        return  # already set up (a second call, or a draft mode)
+    tile = im.tile[0]
+    # What JpegImageFile.draft() does, with our scale: the tile and the image
+    # take libjpeg's output size, which the decoder then writes row by row.
+    im.tile = [ImageFile._Tile(tile[0], (0, 0, out_w, out_h), tile[2], tile[3])]
+    im.decoderconfig = (denom, 0)  # 0: keep the accurate IDCT and fancy upsampling
+    im._size = (out_w, out_h)
 
 
 def _resize(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -284,10 +317,8 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
     """Decode the frames we keep, at ``size`` (displayed orientation)."""
     oriented_box = size if probe_.orientation < 5 else (size[1], size[0])
     if not animate:
-        if oriented_box != im.size and probe_.format == "jpeg":
-            # libjpeg's DCT scaling (1/2..1/8): the smallest scale that still
-            # covers _DRAFT_GAP x the fitted size (see _DRAFT_GAP).
-            im.draft(None, (round(oriented_box[0] * _DRAFT_GAP), round(oriented_box[1] * _DRAFT_GAP)))
+        if oriented_box != im.size and probe_.dct_scalable:
+            _jpeg_shrink_on_load(im, oriented_box)
         im.load()
         return [_prepare_frame(im, oriented_box, probe_.orientation)], [], 0
     frames, durations = [], []

@@ -74,6 +74,7 @@ class Header:
     frames: int = 1
     scans: int = 0
     alpha: bool = False
+    lossless_jpeg: bool = False  # a predictive (not DCT) JPEG frame: libjpeg cannot decode it scaled
 
 
 class _Truncated(Exception):
@@ -209,6 +210,7 @@ def _invalid(fmt: str, why: str) -> ImageError:
 # 00, a restart marker or another FF (fill).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG and DAC share the range
+_LOSSLESS_SOF = frozenset((0xC3, 0xC7, 0xCB, 0xCF))  # predictive coding, no DCT
 
 
 def _jpeg(r: _Reader, limits: "Limits") -> Header:
@@ -217,6 +219,7 @@ def _jpeg(r: _Reader, limits: "Limits") -> Header:
     r.skip(2)  # SOI
     size: tuple[int, int] | None = None
     scans = segments = 0
+    lossless = False
     while True:
         segments += 1
         if segments > MAX_SEGMENTS:
@@ -252,6 +255,7 @@ def _jpeg(r: _Reader, limits: "Limits") -> Header:
                 raise _invalid("JPEG", "height defined later by a DNL marker, which decoders refuse")
             check_pixels(width, height, limits)
             size = (width, height)
+            lossless = marker in _LOSSLESS_SOF
         elif marker == 0xDA:  # SOS: a header, then entropy-coded data up to the next marker
             if size is None:
                 raise _invalid("JPEG", "a scan before the frame header")
@@ -269,7 +273,7 @@ def _jpeg(r: _Reader, limits: "Limits") -> Header:
             r.skip(length - 2)
     if size is None or scans == 0:
         raise _invalid("JPEG", "no image data")
-    return Header("jpeg", size[0], size[1], 1, scans)
+    return Header("jpeg", size[0], size[1], 1, scans, lossless_jpeg=lossless)
 
 
 # --- PNG -------------------------------------------------------------------------------------

@@ -330,34 +330,61 @@ def test_real_transparency_composites_on_white_for_jpeg_without_dark_fringes(tmp
     assert abs(row[round(1400 * 1024 / 2000)] - 178) <= 5  # half-transparent grey on white
 
 
-@pytest.mark.parametrize("size,orientation,box", [
-    ((4100, 1030), 1, {}), ((4201, 2799), 1, {}), ((2049, 4097), 1, {"maxWidth": 300}),
-    ((1999, 3001), 6, {"maxWidth": 500, "maxHeight": 333}), ((4096, 2304), 8, {"maxWidth": 511}),
+@pytest.mark.parametrize("size,orientation,box,scale", [
+    ((4100, 1030), 1, {}, 2), ((4201, 2799), 1, {}, 2), ((2049, 4097), 1, {"maxWidth": 300}, 2),
+    ((1999, 3001), 6, {"maxWidth": 500, "maxHeight": 333}, 2), ((4096, 2304), 8, {"maxWidth": 511}, 2),
+    ((3840, 2160), 1, {}, 3), ((3640, 2400), 6, {}, 3), ((2000, 1200), 1, {}, 8),
 ])
-def test_jpeg_drafted_for_a_box_has_exactly_the_fitted_size(tmp_path, monkeypatch, size, orientation, box):
-    from PIL import JpegImagePlugin
+def test_jpeg_shrunk_on_load_has_exactly_the_fitted_size_and_the_right_pixels(tmp_path, monkeypatch, size,
+                                                                               orientation, box, scale):
+    """libjpeg decodes at the smallest M/8 scale that still covers the box (3/8
+    included, which Pillow's draft() does not offer); the output has exactly
+    the fitted size and shows the same picture as a full decode would."""
+    from imgworker import imaging
 
-    drafted = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
+    decoded = []
+    real = imaging._jpeg_shrink_on_load
 
-    def spy(self, mode, request):
-        out = real_draft(self, mode, request)
-        drafted.append(self.size)
-        return out
+    def spy(im, target):
+        real(im, target)
+        decoded.append(im.size)
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    monkeypatch.setattr(imaging, "_jpeg_shrink_on_load", spy)
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = io.BytesIO()
-    _photo_like((size[0] // 8, size[1] // 8)).resize(size).save(data, "JPEG", quality=85, exif=exif)
-    shown = size if orientation < 5 else size[::-1]
-    want = fit(*shown, min(box.get("maxWidth", 1024), 1024), min(box.get("maxHeight", 1024), 1024))
+    upright = _photo_like((size[0] // 16, size[1] // 16)).resize(size if orientation < 5 else size[::-1])
+    STORED[orientation](upright).save(data, "JPEG", quality=90, exif=exif)
+    want = fit(*upright.size, min(box.get("maxWidth", 1024), 1024), min(box.get("maxHeight", 1024), 1024))
     result, path = run(tmp_path, data.getvalue(), format="png", **box)
-    assert Image.open(path).size == want
+    out = Image.open(path).convert("RGB")
+    assert out.size == want
     assert result["processedFile"]["dimensions"] == {"width": want[0], "height": want[1]}
     stored_want = want if orientation < 5 else want[::-1]
-    assert drafted and drafted[-1][0] < size[0]  # decoded at a reduced DCT scale...
-    assert drafted[-1][0] >= stored_want[0] and drafted[-1][1] >= stored_want[1]  # ...that still covers the box
+    assert decoded[-1] == (-(-size[0] * scale // 8), -(-size[1] * scale // 8))  # libjpeg's M/8 size
+    assert decoded[-1][0] >= stored_want[0] and decoded[-1][1] >= stored_want[1]  # ...that covers the box
+    reference = upright.resize(want, Image.Resampling.LANCZOS)
+    def mean_diff(a, b):
+        hist = ImageChops.difference(a, b).convert("L").histogram()
+        return sum(i * n for i, n in enumerate(hist)) / (a.size[0] * a.size[1])
+
+    shifted = reference.transform(want, Image.Transform.AFFINE, (1, 0, 1, 0, 1, 1))
+    assert mean_diff(out, reference) < mean_diff(shifted, reference) / 2  # the same picture, not shifted or torn
+
+
+def test_lossless_jpeg_is_decoded_at_full_size(tmp_path):
+    """A lossless (SOF3) JPEG has no DCT to scale: libjpeg refuses a scale for
+    it, so it is decoded whole and then resized, never failed as corrupt."""
+    from lossless_jpeg import lossless_jpeg
+
+    def pixel(x, y):
+        return (255, 0, 0) if x < 150 else (0, 0, 255)
+
+    data = lossless_jpeg(300, 40, pixel, ncomp=3)
+    result, path = run(tmp_path, data, format="png", maxWidth=100)
+    out = Image.open(path).convert("RGB")
+    assert out.size == (100, 13) and result["originalFile"]["format"] == "jpeg"
+    assert close(out.getpixel((10, 6)), (255, 0, 0), 8) and close(out.getpixel((90, 6)), (0, 0, 255), 8)
 
 
 def test_opaque_alpha_png_and_its_rgb_twin_give_the_same_pixels(tmp_path):
