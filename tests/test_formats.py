@@ -15,7 +15,7 @@ from imgworker import config, formats, imaging, isobmff
 from imgworker.errors import ImageError
 from imgworker.views import result_view
 
-from helpers import image_bytes
+from helpers import image_bytes, swapped_icc
 
 pytestmark = pytest.mark.skipif(not formats.HAS_AVIF, reason="this Pillow has no AVIF codec")
 needs_heif = pytest.mark.skipif(not formats.HAS_HEIF, reason="pillow-heif (imgworker[heif]) not installed")
@@ -224,30 +224,6 @@ def test_heic_refused_when_not_listed(tmp_path):
     with pytest.raises(ImageError) as err:
         imaging.probe(_write(tmp_path, data), imaging.Limits(formats=("jpeg", "avif")))
     assert err.value.code == "UNSUPPORTED_FORMAT"
-
-
-def swapped_icc():
-    """An RGB matrix/TRC ICC profile whose red and green colorants are sRGB's
-    green and red: a pixel stored as pure red displays as green."""
-    def s15(v):
-        return struct.pack(">i", round(v * 65536))
-
-    def xyz(x, y, z):
-        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
-
-    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0"  # gamma 2.2
-    desc = b"desc\0\0\0\0" + struct.pack(">I", 5) + b"swap\0" + bytes(78)
-    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.3851, 0.7169, 0.0971)),
-            (b"gXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
-    offset = 128 + 4 + 12 * len(tags)
-    table, data = b"", b""
-    for sig, body in tags:
-        table += sig + struct.pack(">II", offset + len(data), len(body))
-        data += body + bytes(-len(body) % 4)
-    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
-    return header + struct.pack(">I", len(tags)) + table + data
 
 
 @pytest.mark.parametrize("fmt", ["AVIF"] + (["HEIF"] if formats.HAS_HEIF else []))

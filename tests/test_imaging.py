@@ -13,7 +13,7 @@ from imgworker.errors import ImageError
 from imgworker.imaging import Limits, fit, probe, process, sniff
 from imgworker.views import result_view
 
-from helpers import image_bytes
+from helpers import image_bytes, swapped_icc
 
 LIMITS = Limits()
 
@@ -133,6 +133,31 @@ def test_icc_profile_is_applied_and_not_carried(tmp_path):
     out = Image.open(path)
     assert "icc_profile" not in out.info
     assert close(color_at(out, 20, 20), (10, 120, 240), tol=12)
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "RGBA")])
+def test_a_profile_other_than_srgb_is_applied_every_time(tmp_path, fmt, mode):
+    """A profile whose colours differ from sRGB's is applied (here red and
+    green swapped), also the second time it is seen (its transform is cached
+    by the profile's digest), with and without an alpha channel."""
+    for attempt in range(2):
+        data = image_bytes(fmt, (40, 40), mode=mode, color=(255, 0, 0, 255)[:len(mode)], icc_profile=swapped_icc())
+        _, path = run(tmp_path, data, name=f"in{attempt}", format="png")
+        r, g, b = color_at(Image.open(path), 20, 20)
+        assert g > 200 and r < 60, (attempt, (r, g, b))
+
+
+def test_an_srgb_profile_under_any_name_is_not_applied():
+    """A profile that maps a 17-level colour grid to within one level of
+    itself is sRGB in effect: no transform (it cost 12 ms per megapixel)."""
+    from PIL import ImageCms
+    from imgworker import imaging
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert imaging._srgb_transform(srgb, "RGB") is None
+    assert imaging._srgb_transform(srgb, "RGBA") is None
+    assert imaging._srgb_transform(swapped_icc(), "RGB") is not None
+    assert imaging._srgb_transform(b"not a profile", "RGB") is None  # broken: the picture as stored
 
 
 def test_jpeg_output_is_progressive_and_alpha_flattened_on_white(tmp_path):
