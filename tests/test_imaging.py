@@ -358,23 +358,24 @@ def test_real_transparency_composites_on_white_for_jpeg_without_dark_fringes(tmp
 @pytest.mark.parametrize("size,orientation,box,scale", [
     ((4100, 1030), 1, {}, 2), ((4201, 2799), 1, {}, 2), ((2049, 4097), 1, {"maxWidth": 300}, 2),
     ((1999, 3001), 6, {"maxWidth": 500, "maxHeight": 333}, 2), ((4096, 2304), 8, {"maxWidth": 511}, 2),
-    ((3840, 2160), 1, {}, 3), ((3640, 2400), 6, {}, 3), ((2000, 1200), 1, {}, 8),
+    ((3840, 2160), 1, {}, 1), ((5640, 3172), 6, {}, 2), ((2000, 1200), 1, {}, 1),
 ])
-def test_jpeg_shrunk_on_load_has_exactly_the_fitted_size_and_the_right_pixels(tmp_path, monkeypatch, size,
-                                                                               orientation, box, scale):
-    """libjpeg decodes at the smallest M/8 scale that still covers the box (3/8
-    included, which Pillow's draft() does not offer); the output has exactly
-    the fitted size and shows the same picture as a full decode would."""
-    from imgworker import imaging
+def test_jpeg_drafted_for_a_box_has_exactly_the_fitted_size_and_the_right_pixels(tmp_path, monkeypatch, size,
+                                                                                 orientation, box, scale):
+    """libjpeg decodes at the smallest scale 1/n that still covers twice the
+    box; the output has exactly the fitted size and shows the same picture as
+    a full decode would."""
+    from PIL import JpegImagePlugin
 
     decoded = []
-    real = imaging._jpeg_shrink_on_load
+    real_load = JpegImagePlugin.JpegImageFile.load
 
-    def spy(im, target):
-        real(im, target)
-        decoded.append(im.size)
+    def spy(self):
+        out = real_load(self)
+        decoded.append(self.size)
+        return out
 
-    monkeypatch.setattr(imaging, "_jpeg_shrink_on_load", spy)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = io.BytesIO()
@@ -386,9 +387,10 @@ def test_jpeg_shrunk_on_load_has_exactly_the_fitted_size_and_the_right_pixels(tm
     assert out.size == want
     assert result["processedFile"]["dimensions"] == {"width": want[0], "height": want[1]}
     stored_want = want if orientation < 5 else want[::-1]
-    assert decoded[-1] == (-(-size[0] * scale // 8), -(-size[1] * scale // 8))  # libjpeg's M/8 size
-    assert decoded[-1][0] >= stored_want[0] and decoded[-1][1] >= stored_want[1]  # ...that covers the box
+    assert decoded[0] == (-(-size[0] // scale), -(-size[1] // scale))  # decoded at 1/scale...
+    assert scale == 1 or decoded[0][0] >= 2 * stored_want[0] and decoded[0][1] >= 2 * stored_want[1]  # covering 2x
     reference = upright.resize(want, Image.Resampling.LANCZOS)
+
     def mean_diff(a, b):
         hist = ImageChops.difference(a, b).convert("L").histogram()
         return sum(i * n for i, n in enumerate(hist)) / (a.size[0] * a.size[1])
