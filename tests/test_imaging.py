@@ -458,3 +458,35 @@ def test_never_larger_keeps_the_stripped_original_gif(tmp_path):
         want.seek(i)
         assert got.info["duration"] == want.info["duration"] == [40, 60, 80, 100][i]
         assert ImageChops.difference(got.convert("RGB"), want.convert("RGB")).getbbox() is None
+
+
+def test_the_fast_resizer_is_in_use_and_agrees_with_pillow():
+    """fast_image_resize is installed and passed its check against Pillow: a
+    broken install would silently cost 25-45 % of every job's CPU."""
+    from imgworker import imaging
+
+    assert imaging._fast_resizer() is not None
+    src = _photo_like((640, 400))
+    assert imaging._max_difference(imaging._resize(src, (192, 120)),
+                                   src.resize((192, 120), Image.Resampling.LANCZOS)) <= 2
+
+
+def test_a_resizer_that_disagrees_with_pillow_is_not_used(tmp_path, monkeypatch):
+    """The fast resizer reads Pillow's memory directly: if it returns
+    anything but Pillow's picture (a layout it does not know), the worker
+    resizes with Pillow instead, and the job's output is still right."""
+    from imgworker import imaging
+
+    class Scrambling:
+        def resize_pil(self, src, dst, options):
+            dst.paste(src.crop((0, 0) + dst.size).transpose(Image.Transpose.ROTATE_180))
+
+    monkeypatch.setattr(imaging, "_FastResizer", Scrambling)
+    monkeypatch.setattr(imaging, "_fast", [])
+    assert imaging._fast_resizer() is None
+    buf = io.BytesIO()
+    quadrants((400, 200)).save(buf, "PNG")
+    _, path = run(tmp_path, buf.getvalue(), format="png", maxWidth=100)
+    out = Image.open(path)
+    assert out.size == (100, 50)
+    assert close(color_at(out, 10, 10), (255, 0, 0), 2) and close(color_at(out, 90, 40), (255, 255, 255), 2)
