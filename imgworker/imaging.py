@@ -188,9 +188,7 @@ def fit(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
 
 def _normalize_mode(im: Image.Image) -> Image.Image:
     """RGB, RGBA, L or CMYK, ready to resize: palette, 16-bit, 1-bit,
-    grey+alpha and transparency keys handled. An alpha channel that is 255
-    everywhere is dropped: it changes no pixel, and resizing it would cost a
-    premultiply, a fourth channel and an unpremultiply."""
+    grey+alpha and transparency keys handled."""
     if im.mode.startswith("I") or im.mode == "F":
         lo, hi = im.getextrema()
         if hi > 255:  # real 16-bit data: scale instead of clipping
@@ -202,8 +200,15 @@ def _normalize_mode(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA" if has_alpha else ("L" if im.mode in ("1", "I", "I;16", "F") else "RGB"))
     elif has_alpha and im.mode in ("RGB", "L"):
         im = im.convert("RGBA")
+    return im
+
+
+def _drop_opaque_alpha(im: Image.Image) -> Image.Image:
+    """RGB for an RGBA image whose alpha is 255 everywhere: it changes no
+    pixel, and an encoder would spend time (and bytes) on it. Done after
+    resizing, where it costs 1 ms instead of 25 on a 3640x2400 PNG."""
     if im.mode == "RGBA" and im.im.getband(3).getextrema()[0] == 255:
-        im = im.convert("RGB")
+        return im.convert("RGB")
     return im
 
 
@@ -332,7 +337,7 @@ def _prepare_frame(frame: Image.Image, size: tuple[int, int], orientation: int) 
     """Normalise, resize to ``size`` (stored orientation), colour-manage on
     the small image, then turn upright."""
     icc = frame.info.get("icc_profile")
-    frame = _to_srgb(_resize(_normalize_mode(frame), size), icc)
+    frame = _to_srgb(_drop_opaque_alpha(_resize(_normalize_mode(frame), size)), icc)
     if orientation in _TRANSPOSE:
         frame = frame.transpose(_TRANSPOSE[orientation])
     return frame
@@ -530,7 +535,7 @@ def _same_pixels(data: bytes, fmt: str, frames: list[Image.Image]) -> bool:
                     if count > len(frames):
                         return False
                     got.load()
-                    got, want = _normalize_mode(got), frames[count - 1]
+                    got, want = _drop_opaque_alpha(_normalize_mode(got)), frames[count - 1]
                     if got.size != want.size or got.mode != want.mode or ImageChops.difference(got, want).getbbox():
                         return False
                     if len(frames) == 1:
