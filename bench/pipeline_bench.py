@@ -236,8 +236,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the figure is the mean")
     ap.add_argument("--formats", default="webp,jpeg")
     ap.add_argument("--detail", action="store_true", help="per-image CPU and SSIM")
-    ap.add_argument("--variants", default=None, metavar="D:R,...",
-                    help="only imgworker, with JPEG draft gap D and reducing gap R per variant (default 2:2), e.g. 2:2,1:2,1:1")
+    ap.add_argument("--variants", default=None, metavar="D[:pillow],...",
+                    help="only imgworker, with JPEG draft gap D (the pipeline's is 2), resizing with the fast resizer "
+                         "or with ':pillow' Pillow's own resize (reducing gap 2), e.g. 2,1,2:pillow")
     args = ap.parse_args()
     try:
         import numpy  # noqa: F401
@@ -312,13 +313,16 @@ def main() -> None:
 
 
 def variants(files: list[Path], args: argparse.Namespace) -> None:
-    """The speed/quality trade-off of shrinking earlier: imgworker's pipeline with
-    other JPEG draft and reduce() gaps (see imaging._DRAFT_GAP), interleaved."""
+    """The speed/quality trade-offs: imgworker's pipeline with another JPEG
+    draft gap (see imaging._DRAFT_GAP: 1 is libvips' shrink-on-load, which
+    scales the JPEG to just cover the box) and with Pillow's own resize in
+    place of the fast resizer, interleaved."""
     from imgworker import imaging
 
-    chosen = [tuple(float(x) for x in v.split(":")) for v in args.variants.split(",")]
+    chosen = [(float(v.split(":")[0]), v.endswith(":pillow")) for v in args.variants.split(",")]
+    resizer = imaging._fast_resizer()
     out_dir = Path(tempfile.mkdtemp(prefix="pipeline-variants-"))
-    print(f"{len(files)} images, imgworker only, {args.rounds} interleaved rounds; draft gap : reducing gap")
+    print(f"{len(files)} images, imgworker only, {args.rounds} interleaved rounds; JPEG draft gap [: resizer]")
     for fmt in args.formats.split(","):
         cpu_s = {v: 0.0 for v in chosen}
         ssim_s: dict[tuple, list[float]] = {v: [] for v in chosen}
@@ -326,7 +330,8 @@ def variants(files: list[Path], args: argparse.Namespace) -> None:
         for rnd in range(args.rounds):
             for f in files:
                 for v in chosen if rnd % 2 == 0 else chosen[::-1]:
-                    imaging._DRAFT_GAP, imaging._REDUCING_GAP = v
+                    imaging._DRAFT_GAP = v[0]
+                    imaging._fast[:] = [None if v[1] else resizer]
                     n += 1
                     t0 = cpu()
                     out = run_imgworker(f, out_dir, fmt, n)
@@ -335,7 +340,8 @@ def variants(files: list[Path], args: argparse.Namespace) -> None:
                         ssim_s[v].append(score(f, out))
         for v in chosen:
             per = cpu_s[v] / len(files) / args.rounds
-            print(f"  [{fmt}] {v[0]:g}:{v[1]:g}  {per:.3f} s/image  SSIM mean {statistics.fmean(ssim_s[v]):.4f} "
+            name = f"{v[0]:g}{':pillow' if v[1] else ''}"
+            print(f"  [{fmt}] {name:9s} {per:.3f} s/image  SSIM mean {statistics.fmean(ssim_s[v]):.4f} "
                   f"min {min(ssim_s[v]):.4f}")
     shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -277,7 +277,7 @@ def _resize(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
         return frame
     resizer = _fast_resizer()
     if resizer is not None and frame.mode in _FAST_MODES:
-        out = Image.new(frame.mode, size)
+        out = Image.new(frame.mode, size, None)  # None: not filled, the resizer writes every pixel
         resizer.resize_pil(frame, out, _FAST_OPTIONS)
         return out
     return frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)

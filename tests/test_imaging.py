@@ -465,7 +465,7 @@ def test_the_fast_resizer_is_in_use_and_agrees_with_pillow():
     broken install would silently cost 25-45 % of every job's CPU."""
     from imgworker import imaging
 
-    assert imaging._fast_resizer() is not None
+    assert imaging._fast_resizer() is not None, "cykooz.resizer missing: run `bash .ci/venv test`"
     src = _photo_like((640, 400))
     assert imaging._max_difference(imaging._resize(src, (192, 120)),
                                    src.resize((192, 120), Image.Resampling.LANCZOS)) <= 2
