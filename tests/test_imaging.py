@@ -490,3 +490,45 @@ def test_a_resizer_that_disagrees_with_pillow_is_not_used(tmp_path, monkeypatch)
     out = Image.open(path)
     assert out.size == (100, 50)
     assert close(color_at(out, 10, 10), (255, 0, 0), 2) and close(color_at(out, 90, 40), (255, 255, 255), 2)
+
+
+_RESIZE_UNDER_A_CAP = r"""
+import resource, sys
+from PIL import Image
+from imgworker import imaging
+
+assert imaging._fast_resizer() is not None
+src = Image.new(sys.argv[1], (6000, 4000), 90)
+src.load()
+with open("/proc/self/statm") as fh:
+    used = int(fh.read().split()[0]) * resource.getpagesize()
+cap = used + int(sys.argv[2]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+pillow = Image.Image.resize
+Image.Image.resize = lambda *a, **k: print("pillow", flush=True) or pillow(*a, **k)
+try:
+    print(imaging._resize(src, (3000, 2000)).size, flush=True)
+except MemoryError:
+    print("MemoryError", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_the_fast_resizer_never_aborts_a_worker_at_its_memory_cap(mode):
+    """A worker's address space is capped (WORKER_MAX_RSS_MB x 2). Rust
+    aborts the whole process when an allocation fails, so near the cap the
+    fast resizer must not run: Pillow's resize raises MemoryError (the job
+    fails as IMAGE_TOO_LARGE, the worker lives). Far from the cap it runs."""
+    import subprocess
+    import sys
+
+    def resize_with(headroom_mb):
+        return subprocess.run([sys.executable, "-c", _RESIZE_UNDER_A_CAP, mode, str(headroom_mb)],
+                              capture_output=True, text=True, timeout=60)
+
+    # room for the 3000x2000 output (23 MB), not for the fast path's buffers (46 MB and more)
+    tight = resize_with(40)
+    assert tight.returncode == 0, tight.stderr[-500:]
+    assert tight.stdout.split("\n")[:2] == ["pillow", "MemoryError"]
+    roomy = resize_with(600)
+    assert roomy.returncode == 0 and roomy.stdout.strip() == "(3000, 2000)", roomy.stdout + roomy.stderr[-500:]
