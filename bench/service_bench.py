@@ -14,8 +14,11 @@ workers and a raised rate limit, driven by the peers' own loadgen.py (4
 closed-loop clients: upload, poll every 50 ms, download) on the real photos
 (Debian's mate-backgrounds x2), alternating runs (seed, imgworker, seed,
 imgworker, ...). Prints each run's img/s and latency p50, the img/s ratio,
-`/api/health` latency (p50/p99, probed 10 times a second during the load)
-and the peak RSS (whole process tree, and its largest process).
+`/api/health` latency (p50/p99, probed 10 times a second during the load),
+the peak RSS (whole process tree, and its largest process) and the CPU each
+process role spent per image (api, supervisor, workers; node), whose total
+is steadier than img/s on a shared machine. ``--only imgworker`` (or
+``node``) runs one side, for profiling.
 
 --vs-pipeline: `imgworker serve` with 2 workers at client concurrency 1, 4
 and 16: images/s, latency p50/p95/p99 per image, peak RSS of every process;
@@ -308,6 +311,9 @@ def vs_node(rounds: int, repeat: int, only: str | None = None) -> None:
           + ", ".join(f"{o['img_s'] / s['img_s']:.2f}" for o, s in zip(ours, seed)) + ")")
     print(f"p50 latency ms: imgworker {both(ours, 'p50')}, Node {both(seed, 'p50')}; peak RSS MiB (tree): "
           f"imgworker {both(ours, 'tree')}, Node {both(seed, 'tree')}")
+    per_image = lambda rs: statistics.fmean(sum(r["cpu"].values()) * 1000 / max(1, r["images"]) for r in rs)  # noqa: E731
+    print(f"CPU ms per image, all processes: imgworker {per_image(ours):.0f}, Node {per_image(seed):.0f} "
+          f"(Node / imgworker {per_image(seed) / per_image(ours):.2f}: the img/s ratio if both kept the cores busy)")
     h = [x for r in ours for x in r["health"]]
     hs = [x for r in seed for x in r["health"]]
     print(f"/api/health under load: imgworker p50 {pct(h, 50):.1f} p99 {pct(h, 99):.1f} ms (n={len(h)}); "
