@@ -36,34 +36,51 @@ def test_jobs_flow_and_outputs_written(service):
 
 
 def test_stuck_job_killed_retried_then_failed_while_others_flow(service):
+    """The supervisor's own promptness is measured from the job row's times
+    and the process table, not from when this test's polls happen to run:
+    on a loaded machine the test (and a fresh worker's imports) may be late,
+    the supervisor must not be. Generous deadlines bound only the waiting."""
     svc = service(MAX_CONCURRENT_JOBS=2, JOB_TIMEOUT_MS=700, MAX_RETRIES=1, RETRY_BASE_DELAY_MS=300)
     pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 2 else None,
-                    15, message="pool up")
+                    30, message="pool up")
     before = {w["pid"] for w in pool}
     stuck = svc.submit(PHOTO, _testSleepMs=60_000)
-    wait_for(lambda: status(svc, stuck) == "processing", 5)
-    claimed = time.monotonic()
+    wait_for(lambda: status(svc, stuck) == "processing", 30, message="stuck job claimed")
     others = [svc.submit(PHOTO) for _ in range(4)]
-    wait_for(lambda: status(svc, stuck) == "retrying", 3, message="first timeout")
-    assert time.monotonic() - claimed < 0.7 + 1.0  # killed within timeout + 1 s
+    wait_for(lambda: status(svc, stuck) == "retrying", 30, message="first timeout")
     job = svc.store.get(stuck)
     assert job.error_code == "TIMEOUT" and job.attempts == 1
-    dead = wait_for(lambda: [p for p in before if not alive(p)], 2, message="stuck worker killed")
+    # the retry was scheduled RETRY_BASE_DELAY_MS (+ up to 20 % jitter) after the timeout was settled
+    settled_by, settled_from = job.run_at - 300, job.run_at - 360
+    assert settled_by - job.started_at < 700 + 1000  # killed within timeout + 1 s of the claim
+    dead = wait_for(lambda: [p for p in before if not alive(p)], 30, message="stuck worker killed")
     assert len(dead) == 1
-    killed_at = time.monotonic()
+    survivor = (before - set(dead)).pop()
+    # a replacement process is started at once (within 2 s of the kill, by the supervisor's clock)
+    replacement = wait_for(lambda: [p for p in psutil.Process(svc.proc.pid).children() if p.pid not in before],
+                           30, message="a replacement worker started")[0]
+    assert started_wall(replacement.pid) - settled_from / 1000 < 2.0
 
     def full_again():
         st = svc.state()
-        return st["workers"]["alive"] == 2 and dead[0] not in {w["pid"] for w in st["pool"]}
+        pids = {w["pid"] for w in st["pool"]}
+        return st["workers"]["alive"] == 2 and dead[0] not in pids and replacement.pid in pids and survivor in pids
 
-    wait_for(full_again, 2.0, message="pool back to full strength within 2 s of the kill")
-    assert time.monotonic() - killed_at < 2.0
-    wait_for(lambda: all_done(svc, others), 20, message="other jobs completed meanwhile")
-    wait_for(lambda: status(svc, stuck) == "failed", 10, message="failed after retries")
+    wait_for(full_again, 30, message="pool back to full strength with the replacement")
+    wait_for(lambda: all_done(svc, others), 60, message="other jobs completed meanwhile")
+    wait_for(lambda: status(svc, stuck) == "failed", 60, message="failed after retries")
     job = svc.store.get(stuck)
     assert job.error_code == "TIMEOUT" and job.attempts == 2
-    wait_for(lambda: svc.state()["workers"]["alive"] == 2, 2.0, message="pool at full strength at the end")
+    wait_for(lambda: svc.state()["workers"]["alive"] == 2, 30, message="pool at full strength at the end")
     assert "killing worker" in svc.log() and "retry scheduled at" in svc.log()
+
+
+def started_wall(pid):
+    """When process ``pid`` started, in wall-clock seconds, to 10 ms (psutil's
+    create_time counts from the boot time in whole seconds)."""
+    ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
+    booted = time.time() - float(open("/proc/uptime").read().split()[0])
+    return booted + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid):
