@@ -701,7 +701,8 @@ def run(cfg: config_mod.Config) -> int:
     Storage.for_config(cfg).ensure()
     api = Api(cfg)
     api.store.migrate()
-    Housekeeper(api.store, api.storage).sweep_dead()  # uploads cut off by a crash of an earlier API process
+    # uploads cut off by a crash of an earlier API process, and finished jobs' uploads a crash left
+    Housekeeper(api.store, api.storage).sweep_dead(finished=True)
     try:
         server = make_server(cfg, api)
     except OSError as exc:  # taken or unknown address: say which setting, do not restart-loop

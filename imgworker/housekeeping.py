@@ -6,7 +6,8 @@ other.
   rows and files; orphan files (temp files, uploads and outputs without a
   job row) older than ORPHAN_AGE_S go.
 - :meth:`Housekeeper.sweep_dead`: files of processes that died mid-upload go
-  at once, whatever their age.
+  at once, whatever their age; at the API's start also the uploads of
+  finished jobs that a crash left behind.
 - :func:`retry_failed`: the manual retry of a failed job, which needs its
   upload: the file is checked here, before the store's write transaction.
 """
@@ -47,10 +48,21 @@ class Housekeeper:
             LOG.info("Cleanup removed %d expired jobs and %d files", removed_jobs, removed_files)
         return {"jobs": removed_jobs, "files": removed_files}
 
-    def sweep_dead(self) -> int:
+    def sweep_dead(self, finished: bool = False) -> int:
         """Delete temp uploads of dead processes, and their uploads whose
-        job row never committed. Returns files removed."""
-        return self.storage.remove_dead_temp_uploads() + self._remove_unknown(self.storage.uploads_of_dead_processes())
+        job row never committed. With ``finished`` (the API's start, after a
+        crash of the tree) also their uploads whose job is completed or
+        cancelled: a crash between the supervisor's commit and its removal of
+        the upload leaves one, needed by nothing (only failed jobs are
+        retried); one row read each. Returns files removed."""
+        by_job = self.storage.uploads_of_dead_processes()
+        removed = self.storage.remove_dead_temp_uploads() + self._remove_unknown(by_job)
+        if finished:
+            for job_id, paths in by_job.items():
+                job = self.store.get(job_id)
+                if job is not None and job.status in (JobStatus.COMPLETED, JobStatus.CANCELLED):
+                    removed += self.storage.remove(paths)
+        return removed
 
     def _remove_unknown(self, by_job: dict[str, list]) -> int:
         if not by_job:

@@ -122,7 +122,7 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
              240, 0.25, "every job finished")
     rows = q.list(limit=10**6)
     outputs = sorted(p.name for p in svc.storage.processed.iterdir())
-    uploads = {p.name.split("-")[0] for p in svc.storage.uploads.iterdir()}
+    uploads = sorted(p.name for p in svc.storage.uploads.iterdir())
     rss = peak_rss(psutil.Process(svc.proc.pid))
     log = svc.log()
     svc.stop()
@@ -134,7 +134,7 @@ def chaos(service: Callable, n_jobs: int, tree_kills: int, worker_kills: int, se
         "outputs_ok": outputs == sorted(f"processed_{r.id}.webp" for r in rows),
         "outputs_unexpected": sorted(set(outputs) - {f"processed_{r.id}.webp" for r in rows}),
         "outputs_missing": sorted({f"processed_{r.id}.webp" for r in rows} - set(outputs)),
-        "orphan_uploads": sorted(uploads - {r.id for r in rows}),
+        "orphan_uploads": uploads,  # every job completed: no upload is needed any more
         "tmp_files": sorted(p.name for p in svc.storage.tmp.iterdir()),
         "recovered": log.count("Recovered from a stopped worker or supervisor"),
         "peak_rss_mb": rss,

@@ -118,6 +118,16 @@ def test_cleanup_sweeps_uploads_of_dead_processes_at_once(tmp_path):
     assert Housekeeper(q, storage).sweep_dead() == 2
     assert not orphan.exists() and not no_row.exists()
     assert mine.exists() and committed.exists() and in_flight.exists()
+    # the API's start also removes a finished job's upload that a crash left (the
+    # supervisor died between completing the row and removing the upload)
+    queued = storage.uploads / f"{'b' * 32}-{dead_pid}.jpg"
+    q.enqueue([NewJob("b" * 32, str(queued), "x.jpg", 1)], 10, 1)
+    queued.write_bytes(b"bytes")
+    assert q.claim("s", 1000).id == "f" * 32
+    assert q.complete("f" * 32, "s", make_outcome(), "/out")
+    assert Housekeeper(q, storage).sweep_dead() == 0  # the periodic sweep reads no rows
+    assert Housekeeper(q, storage).sweep_dead(finished=True) == 1
+    assert not committed.exists() and queued.exists()
 
 
 def test_read_only_commands_never_create_a_database(tmp_path):
