@@ -232,17 +232,17 @@ class Channel(HTTPChannel):
 
     def progress(self, good_rate: float) -> float:
         """When this connection last made request progress, on the monotonic
-        clock: the end of its last request (idle), the start of the one whose
-        headers are arriving, or, for a body, the end of its headers plus one
-        second per ``good_rate`` bytes received, so a long upload arriving at a
-        good rate stays "recent" while a trickle ages. At MAX_CONNECTIONS the
-        connection with the oldest progress is closed; a just-opened one is
-        the most recent of all, so a new client is never the one closed."""
+        clock: when it was accepted or its last answer ended, for a request
+        not yet sent or whose headers are arriving (a first byte sent late
+        earns nothing: headers are not progress until they end), or, for a
+        body, the end of its headers plus one second per ``good_rate`` bytes
+        received, so a long upload arriving at a good rate stays "recent"
+        while a trickle ages. At MAX_CONNECTIONS the connection with the
+        oldest progress is closed; a just-opened one is the most recent of
+        all, so a new client is never the one closed."""
         request = self.request
-        if not isinstance(request, Parser):
+        if not isinstance(request, Parser) or request.headers_at is None:
             return self.idle_since
-        if request.headers_at is None:
-            return request.started
         return request.headers_at + request.body_bytes_received / good_rate
 
     def check_deadlines(self, now: float, header_s: float, min_rate: float) -> None:

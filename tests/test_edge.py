@@ -377,3 +377,35 @@ def test_eviction_never_picks_the_newest_connection(api_server):
     finally:
         for s in slow:
             s.close()
+
+
+def test_eviction_never_picks_a_new_connection_over_older_ones_that_spoke_late(api_server):
+    """Connections held open silently, then sending their first header byte
+    after a new client connected, are not "more recent" than that client: a
+    connection's wait counts from when it was accepted (found by the
+    slow-clients suite on a loaded machine, where the server read a fresh
+    client's request only after the attacker's next round of first bytes)."""
+    http, _ = api_server(MAX_CONNECTIONS=16, MAX_CONNECTIONS_PER_CLIENT=100)
+    old = [socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.7", 0))
+           for _ in range(16)]
+    extra = None
+    try:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=5) as fresh:
+            # fresh is the 17th: its arrival closed the oldest silent connection
+            deadline = time.monotonic() + 10
+            while not (closed := [s for s in old if select.select([s], [], [], 0)[0]]):
+                assert time.monotonic() < deadline, "no connection was closed for the 17th"
+                time.sleep(0.02)
+            assert len(closed) == 1
+            for s in old:
+                if s not in closed:
+                    s.sendall(b"G")  # a first header byte, after fresh was accepted
+            time.sleep(0.3)  # the server has read them: their headers "started" after fresh connected
+            extra = socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=("127.0.0.7", 0))
+            time.sleep(0.2)  # its arrival closed one connection: an old one, not fresh
+            fresh.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            # answered (health is 503 here: no supervisor runs), not closed unanswered (0)
+            assert reply_of(fresh)[0] in (200, 503)
+    finally:
+        for s in old + ([extra] if extra else []):
+            s.close()
