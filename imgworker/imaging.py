@@ -55,12 +55,23 @@ from .strip import strip
 from .limits import Limits
 from .model import Outcome, output_filename
 
-if formats.HAS_HEIF:  # optional extra imgworker[heif]: HEIC/HEIF input
-    import pillow_heif
+_heif_opener: list[bool] = []  # registered in this process
 
+
+def _register_heif() -> None:
+    """Register pillow-heif's opener (the optional extra imgworker[heif]) at
+    the first HEIC job, not at import: most workers never see one."""
+    if _heif_opener:
+        return
+    try:
+        import pillow_heif
+    except Exception as exc:  # listed by find_spec, but broken
+        raise ImageError("UNSUPPORTED_FORMAT", f"HEIC/HEIF input is not available: {formats.MISSING_HINT['heic']}",
+                         detail=_why(exc)) from None
     # Only the primary picture is ever decoded (no thumbnails, depth maps or
     # other auxiliary pictures); 10/12-bit HEIC comes out as 8-bit.
     pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
+    _heif_opener.append(True)
 
 # Pillow plugin names allowed for each of our format names. A camera MPO is a
 # JPEG with a second picture appended; we treat it as JPEG.
@@ -125,6 +136,8 @@ def _open(path: Path, limits: Limits) -> tuple[Image.Image, Probe]:
     header = inspect(path, limits)
     kind = header.format
     Image.MAX_IMAGE_PIXELS = limits.max_input_pixels  # Pillow refuses at 2x; the probe checked at 1x
+    if kind == "heic":
+        _register_heif()
     try:
         im = Image.open(path, formats=PIL_FORMATS[kind])
     except Image.DecompressionBombError:

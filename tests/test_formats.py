@@ -32,6 +32,8 @@ def quadrants(size=(200, 100), mode="RGB"):
 
 
 def encode(im, fmt, **save):
+    if fmt == "HEIF":
+        imaging._register_heif()  # pillow-heif's plugin (imaging registers it at the first HEIC job)
     buf = io.BytesIO()
     im.save(buf, fmt, **save)
     return buf.getvalue()
