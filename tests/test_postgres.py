@@ -268,3 +268,40 @@ def test_upload_moves_from_a_local_tmp_dir_on_another_file_system(api_server, tm
         import shutil
 
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _rows_read(plan):
+    """Rows every node of an EXPLAIN ANALYZE plan produced, in all its loops."""
+    return plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1) + sum(_rows_read(p) for p in plan.get("Plans", ()))
+
+
+def test_claim_cost_does_not_grow_with_the_backlog(pg_url):
+    """The fair claim reads each client's few oldest rows, not the whole
+    top-priority backlog (before: every waiting row was ranked by a count of
+    its client's running jobs, 129 ms a claim behind 20,000 jobs)."""
+    import psycopg
+
+    from imgworker.store import NewJob
+
+    q = _pg_store(pg_url)
+
+    def rows_per_claim():
+        with q.conn.transaction():
+            plan = q.conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q._CLAIM,
+                                  {"now": 2**62, "owner": "x", "expires": 2**62, "id": None}).fetchone()
+            raise psycopg.Rollback()  # measured, not claimed
+        return _rows_read(next(iter(plan.values()))[0]["Plan"])
+
+    def add(n, start):
+        for i in range(start, start + n, 1000):
+            q.enqueue([NewJob(f"j{k}", "/in", "x.jpg", 1, client=f"c{k % 3}")
+                       for k in range(i, min(start + n, i + 1000))], 10**9, 1)
+
+    add(60, 0)
+    small = rows_per_claim()
+    add(6000, 60)
+    q.conn.execute("ANALYZE jobs")
+    large = rows_per_claim()
+    assert large < small + 100, (small, large)  # before: 60 jobs -> 200 rows, 6,060 -> 18,000
+    assert q.claim("s", 60_000).id == "j0"  # still the oldest of the client running fewest
+    q.close()

@@ -5,9 +5,11 @@ What PostgreSQL changes (the rest of the contract is base.py's):
 
 - Claim is one statement: ``UPDATE ... WHERE seq = (SELECT ... ORDER BY
   <running jobs of the row's client>, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
-  RETURNING *`` within the top priority. Claimers
-  on any node skip rows another claimer has locked instead of waiting for
-  them, so N claimers take N different jobs at once.
+  RETURNING *`` over the top priority's clients (a loose index scan of
+  jobs_fair) and each one's CLAIM_CANDIDATES oldest rows: its cost follows
+  the number of clients, not the backlog. Claimers on any node skip rows
+  another claimer has locked instead of waiting for them, so N claimers
+  take N different jobs at once.
 - Settle-and-claim and batch enqueue are each one transaction; enqueue takes
   a transaction-level advisory lock so the queue bound (a count) holds
   across API nodes, and sends ``NOTIFY imgworker_jobs`` that is delivered
@@ -44,6 +46,10 @@ CHANNEL = "imgworker_jobs"
 RECONNECT_S = 30.0
 # pg_advisory_xact_lock key serialising enqueues ("imgq"): the queue bound holds cluster-wide
 ENQUEUE_LOCK = 0x696D6771
+# Claimable rows of each client a claim considers: more claimers than this
+# holding the oldest rows of every client at once would find nothing this
+# round (they hold them for one statement; the supervisor claims again)
+CLAIM_CANDIDATES = 16
 T = TypeVar("T")
 
 
@@ -189,20 +195,33 @@ class PgStore(ThreadConnections):
 
     # -- consuming ------------------------------------------------------------------------
     # Within the highest claimable priority, the client with the fewest
-    # running jobs, then the oldest: clients at one priority take turns.
-    # Every candidate row is ranked (not only each client's head) so that a
-    # row locked by another claimer is skipped for the next, never waited for.
-    # ``id``: the job completed in the same statement (_COMPLETE_AND_CLAIM,
-    # whose claim still sees it processing), None for a plain claim.
+    # running jobs, then the oldest: clients at one priority take turns. The
+    # cost grows with the number of clients, not of jobs: the clients come
+    # from a loose index scan of jobs_fair (one probe each), and each
+    # contributes its CLAIM_CANDIDATES oldest claimable rows, so that rows
+    # locked by other claimers are skipped for the next (SKIP LOCKED), never
+    # waited for. ``id``: the job completed in the same statement
+    # (_COMPLETE_AND_CLAIM, whose claim still sees it processing), None for a
+    # plain claim.
+    _TOP = f"{sql.IS_WAITING} AND priority = (SELECT p FROM top)"
     _CLAIM = (
         "UPDATE jobs SET status = 'processing', attempts = attempts + 1,"
         " started_at = %(now)s, lease_owner = %(owner)s, lease_expires_at = %(expires)s"
-        " WHERE seq = (SELECT j.seq FROM jobs j WHERE j.status IN ('queued', 'retrying') AND j.run_at <= %(now)s"
-        "   AND j.priority = (SELECT max(priority) FROM jobs WHERE status IN ('queued', 'retrying')"
-        "                     AND run_at <= %(now)s)"
-        "   ORDER BY (SELECT count(*) FROM jobs r WHERE r.status = 'processing' AND r.client = j.client"
-        "             AND r.id IS DISTINCT FROM %(id)s), j.seq"
-        "   LIMIT 1 FOR UPDATE SKIP LOCKED)"
+        " WHERE seq = ("
+        " WITH RECURSIVE"
+        f"  top(p) AS (SELECT priority FROM jobs WHERE {sql.IS_WAITING} AND run_at <= %(now)s"
+        "             ORDER BY priority DESC LIMIT 1),"
+        f"  cl(client) AS (SELECT min(client) FROM jobs WHERE {_TOP}"
+        f"   UNION ALL SELECT (SELECT min(client) FROM jobs WHERE {_TOP} AND client > cl.client)"
+        "   FROM cl WHERE cl.client IS NOT NULL),"
+        "  running(client, n) AS MATERIALIZED (SELECT client, (SELECT count(*) FROM jobs r"
+        "    WHERE r.status = 'processing' AND r.client = cl.client AND r.id IS DISTINCT FROM %(id)s)"
+        "   FROM cl WHERE cl.client IS NOT NULL),"
+        "  candidates(seq, n) AS (SELECT c.seq, running.n FROM running CROSS JOIN LATERAL"
+        f"   (SELECT seq FROM jobs WHERE {_TOP} AND client = running.client AND run_at <= %(now)s"
+        f"    ORDER BY seq LIMIT {CLAIM_CANDIDATES}) c)"
+        f" SELECT j.seq FROM candidates JOIN jobs j ON j.seq = candidates.seq WHERE j.{sql.IS_WAITING}"
+        "  ORDER BY candidates.n, candidates.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED)"
         " RETURNING *"
     )
 
