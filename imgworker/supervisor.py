@@ -479,15 +479,18 @@ class Supervisor:
         if take_next and not self.stopping and self.memory_allows():
             # the common path: settle and take the next job in one commit
             try:
-                done, following = self.store.complete_and_claim(job.id, self.id, outcome, output, self.lease_ms)
+                done, following = self.store.complete_and_claim(job.id, self.id, outcome, output, self.lease_ms,
+                                                                attempt=job.attempts)
             except db.StoreUnavailable:
-                self.unsettled.append(lambda: completed(self.store.complete(job.id, self.id, outcome, output)))
+                self.unsettled.append(lambda: completed(self.store.complete(job.id, self.id, outcome, output,
+                                                                            attempt=job.attempts)))
                 raise
             completed(done)
             if following is not None:
                 self.start_job(w, following)
         else:
-            self.write_or_keep(lambda: completed(self.store.complete(job.id, self.id, outcome, output)))
+            self.write_or_keep(lambda: completed(self.store.complete(job.id, self.id, outcome, output,
+                                                                     attempt=job.attempts)))
 
     # -- jobs ----------------------------------------------------------------------------
     def assign_jobs(self) -> None:
@@ -521,7 +524,7 @@ class Supervisor:
                                                 code.transient if transient is None else transient))
 
     def _failed(self, job: Job, code: ErrorCode, message: str, transient: bool) -> None:
-        settled = self.store.fail(job.id, self.id, code, message, transient, self.policy)
+        settled = self.store.fail(job.id, self.id, code, message, transient, self.policy, attempt=job.attempts)
         if settled is None:
             return
         if settled.status == JobStatus.RETRYING:

@@ -129,6 +129,27 @@ def test_only_lease_holder_can_settle(store, add_jobs):
     assert store.complete(job_id, "a", make_outcome(), "/out") is False  # not twice
 
 
+def test_a_late_outcome_of_an_earlier_attempt_settles_nothing(store, add_jobs):
+    """The lease is the owner's and the attempt's: after a job was taken back
+    (its lease expired) and the same owner claimed it again, that owner's
+    late outcome of the first attempt changes nothing; the second attempt's
+    own outcome settles it (before: the stale outcome completed or failed the
+    running attempt's row)."""
+    (job_id,) = add_jobs(1)
+    t = now_ms()
+    first = store.claim("s", 1000, now=t)
+    store.recover([], RetryPolicy(0, 0), now=t + 1001)  # its lease expired
+    second = store.claim("s", 1000, now=t + 1002)
+    assert (first.attempts, second.id, second.attempts) == (1, job_id, 2)
+    assert store.complete(job_id, "s", make_outcome(), "/late", attempt=1) is False
+    assert store.fail(job_id, "s", ErrorCode.INVALID_IMAGE, "late", False, POLICY, attempt=1) is None
+    assert store.complete_and_claim(job_id, "s", make_outcome(), "/late", 1000, attempt=1) == (False, None)
+    job = store.get(job_id)
+    assert (job.status, job.attempts, job.output_path, job.error_code) == ("processing", 2, None, "WORKER_LOST")
+    assert store.complete(job_id, "s", make_outcome(3), "/out", attempt=2) is True
+    assert store.get(job_id).output_path == "/out"
+
+
 def test_outcome_round_trips_every_field(store, add_jobs):
     (job_id,) = add_jobs(1)
     store.claim("a", 1000)

@@ -9,7 +9,7 @@ and passes ``tests/test_store_contract.py``. The rules:
   ``failed``. ``queued``/``retrying`` jobs can be ``cancelled``.
 - Claim order: highest ``priority`` first, then arrival order.
 - A claimed job carries a lease (owner + expiry). Only the lease owner can
-  complete, fail or release it; a lease that expired or whose owner died is
+  complete, fail or release it (an outcome only for the attempt it ran); a lease that expired or whose owner died is
   taken back by :meth:`JobStore.recover`, which counts the spent attempt.
 - Every write is one transaction: all of it or none of it (a batch of
   uploads included).
@@ -221,19 +221,23 @@ class JobStore(Protocol):
         client's backlog never starves another), then the oldest. ``processing``, one more attempt,
         a lease expiring at now + ``lease_ms``. None when there is none."""
 
-    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
+    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None,
+                 attempt: int | None = None) -> bool:
         """Mark a job ``completed`` with its outcome. False (and no change)
-        if ``owner`` no longer holds the job's lease."""
+        if ``owner`` no longer holds the job's lease, or ``attempt`` (the
+        claimed Job's ``attempts``; None: any) is not the attempt running:
+        a late outcome of an earlier attempt never settles a later one."""
 
     def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
-                           now: int | None = None) -> tuple[bool, Job | None]:
+                           now: int | None = None, attempt: int | None = None) -> tuple[bool, Job | None]:
         """:meth:`complete` then :meth:`claim` in one transaction."""
 
     def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool, policy: RetryPolicy,
-             now: int | None = None) -> Settlement | None:
+             now: int | None = None, attempt: int | None = None) -> Settlement | None:
         """Record a failure of the lease holder's attempt: transient with
         attempts left -> ``retrying`` at now + backoff(attempts), otherwise
-        ``failed``. None if ``owner`` no longer holds the lease."""
+        ``failed``. None if ``owner`` no longer holds the lease or
+        ``attempt`` is not the one running (as :meth:`complete`)."""
 
     def release(self, job_id: str, owner: str) -> bool:
         """Give a claimed job back without spending its attempt (graceful

@@ -14,9 +14,10 @@ What PostgreSQL changes (the rest of the contract is base.py's):
   a transaction-level advisory lock so the queue bound (a count) holds
   across API nodes, and sends ``NOTIFY imgworker_jobs`` that is delivered
   at commit: supervisors on every host wake up (see :class:`Listener`).
-- Every settle checks ownership (``status = 'processing' AND lease_owner =
-  me``): a node that comes back after its lease expired and the job moved
-  on cannot overwrite the new owner's outcome.
+- Every settle checks the lease (``status = 'processing' AND lease_owner =
+  me AND attempts = the attempt it ran``): a node that comes back after its
+  lease expired and the job moved on cannot overwrite the new owner's
+  outcome, nor its own next attempt's.
 - A lost connection (the server restarted, a network cut) is replaced and
   the operation retried for up to RECONNECT_S; a write whose COMMIT was
   lost is never applied twice (enqueue checks whether its rows exist; the
@@ -236,18 +237,19 @@ class PgStore(ThreadConnections):
         row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms, "id": None}).fetchone()
         return _job(row)
 
-    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
+    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None,
+                 attempt: int | None = None) -> bool:
         at = now_ms() if now is None else now
-        return self._run(lambda c, _r: self._complete(c, job_id, owner, outcome, output_path, at))
+        return self._run(lambda c, _r: self._complete(c, job_id, owner, outcome, output_path, at, attempt))
 
     def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
-                           now: int | None = None) -> tuple[bool, Job | None]:
+                           now: int | None = None, attempt: int | None = None) -> tuple[bool, Job | None]:
         """complete then claim atomically, in one statement (one round trip,
         one commit): two data-modifying CTEs on different rows, so the claim
         never waits on the completion."""
         at = now_ms() if now is None else now
         params = {"now": at, "owner": owner, "expires": at + lease_ms, "id": job_id, "output": output_path,
-                  **outcome.to_wire()}
+                  "attempt": attempt, **outcome.to_wire()}
 
         def op(c: Any, _replay: bool) -> tuple[bool, Job | None]:
             row = c.execute(self._COMPLETE_AND_CLAIM, params).fetchone()
@@ -260,28 +262,27 @@ class PgStore(ThreadConnections):
         "WITH done AS (UPDATE jobs SET status = 'completed', completed_at = %(now)s, output_path = %(output)s, "
         + ", ".join(f"{col} = %({col})s" for col in OUTCOME_COLUMNS) +
         ",  error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
-        "   WHERE id = %(id)s AND status = 'processing' AND lease_owner = %(owner)s RETURNING 1),"
+        "   WHERE id = %(id)s AND " + sql.HOLDS_LEASE.replace("?", "%(owner)s", 1).replace("?", "%(attempt)s", 1) +
+        "   RETURNING 1),"
         " next AS (" + _CLAIM + ")"
         " SELECT (SELECT count(*) FROM done) AS _done, next.* FROM (SELECT 1) AS one LEFT JOIN next ON true"
     )
 
     @staticmethod
-    def _complete(c: Any, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int) -> bool:
-        params = sql.complete_params(job_id, owner, outcome, output_path, now)
+    def _complete(c: Any, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int,
+                  attempt: int | None) -> bool:
+        params = sql.complete_params(job_id, owner, outcome, output_path, now, attempt)
         return c.execute(sql.pg(sql.COMPLETE), params).rowcount == 1
 
     def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool,
-             policy: RetryPolicy, now: int | None = None) -> Settlement | None:
+             policy: RetryPolicy, now: int | None = None, attempt: int | None = None) -> Settlement | None:
         """As JobStore.fail; None if ``owner`` no longer holds the lease."""
         at = now_ms() if now is None else now
 
         def op(c: Any, _replay: bool) -> Settlement | None:
             with pgdb.write(c):
-                row = c.execute(
-                    "SELECT attempts, max_attempts FROM jobs WHERE id = %s AND status = 'processing'"
-                    " AND lease_owner = %s FOR UPDATE",
-                    (job_id, owner),
-                ).fetchone()
+                row = c.execute(sql.pg(f"SELECT attempts, max_attempts FROM jobs WHERE id = ? AND {sql.HOLDS_LEASE}"
+                                       " FOR UPDATE"), (job_id, owner, attempt)).fetchone()
                 if row is None:
                     return None
                 return self._settle(c, job_id, row["attempts"], row["max_attempts"], code, message, transient,

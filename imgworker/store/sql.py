@@ -27,10 +27,14 @@ SETTLE_RETRY = ("UPDATE jobs SET status = 'retrying', run_at = ?, error_code = ?
                 " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?")
 SETTLE_FAIL = ("UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error = ?, max_attempts = ?,"
                " lease_owner = NULL, lease_expires_at = NULL WHERE id = ?")
+# The lease a settle must hold: ``processing`` for this owner and, when the
+# caller names it, this attempt: a late outcome of an earlier attempt (its
+# owner claimed the job again after it was taken back) changes nothing.
+HOLDS_LEASE = "status = 'processing' AND lease_owner = ? AND attempts = coalesce(?, attempts)"
 COMPLETE = ("UPDATE jobs SET status = 'completed', completed_at = ?, output_path = ?, "
             + ", ".join(f"{col} = ?" for col in OUTCOME_COLUMNS)
             + ", error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"
-            " WHERE id = ? AND status = 'processing' AND lease_owner = ?")
+            f" WHERE id = ? AND {HOLDS_LEASE}")
 AVERAGE_MS = ("SELECT avg(processing_ms) AS a FROM (SELECT processing_ms FROM jobs WHERE status = 'completed'"
               " ORDER BY completed_at DESC LIMIT 100) r")
 COUNTS = "SELECT status, count(*) AS n FROM jobs GROUP BY status"
@@ -115,9 +119,10 @@ def settle(execute: Callable[[str, tuple], Any], job_id: str, attempts: int, max
     return Settlement(JobStatus.FAILED)
 
 
-def complete_params(job_id: str, owner: str, outcome: Outcome, output_path: str, now: int) -> tuple:
+def complete_params(job_id: str, owner: str, outcome: Outcome, output_path: str, now: int,
+                    attempt: int | None) -> tuple:
     data = outcome.to_wire()
-    return (now, output_path, *(data[f] for f in OUTCOME_COLUMNS), job_id, owner)
+    return (now, output_path, *(data[f] for f in OUTCOME_COLUMNS), job_id, owner, attempt)
 
 
 def activity(rows: Iterable[Mapping[str, Any]]) -> list[MinuteActivity]:

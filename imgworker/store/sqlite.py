@@ -132,29 +132,30 @@ class SqliteStore(ThreadConnections):
         row = c.execute(_CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms}).fetchone()
         return _job(row)
 
-    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None) -> bool:
+    def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None,
+                 attempt: int | None = None) -> bool:
         now = now_ms() if now is None else now
         with db.write(self.conn) as c:
-            return self._complete(c, job_id, owner, outcome, output_path, now)
+            return self._complete(c, job_id, owner, outcome, output_path, now, attempt)
 
     def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
-                           now: int | None = None) -> tuple[bool, Job | None]:
+                           now: int | None = None, attempt: int | None = None) -> tuple[bool, Job | None]:
         now = now_ms() if now is None else now
         with db.write(self.conn) as c:
-            done = self._complete(c, job_id, owner, outcome, output_path, now)
+            done = self._complete(c, job_id, owner, outcome, output_path, now, attempt)
             return done, self._claim(c, owner, lease_ms, now)
 
     def _complete(self, c: sqlite3.Connection, job_id: str, owner: str, outcome: Outcome, output_path: str,
-                  now: int) -> bool:
-        return c.execute(sql.COMPLETE, sql.complete_params(job_id, owner, outcome, output_path, now)).rowcount == 1
+                  now: int, attempt: int | None) -> bool:
+        params = sql.complete_params(job_id, owner, outcome, output_path, now, attempt)
+        return c.execute(sql.COMPLETE, params).rowcount == 1
 
     def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool, policy: RetryPolicy,
-             now: int | None = None) -> Settlement | None:
+             now: int | None = None, attempt: int | None = None) -> Settlement | None:
         now = now_ms() if now is None else now
         with db.write(self.conn) as c:
             row = c.execute(
-                "SELECT attempts, max_attempts FROM jobs WHERE id = ? AND status = 'processing' AND lease_owner = ?",
-                (job_id, owner),
+                f"SELECT attempts, max_attempts FROM jobs WHERE id = ? AND {sql.HOLDS_LEASE}", (job_id, owner, attempt),
             ).fetchone()
             if row is None:
                 return None
