@@ -8,14 +8,14 @@ Contract:
   locked" instead of waiting for it).
 - Connections are never carried across ``fork``: workers are fresh
   interpreters and open none; the queue reopens when it sees a new pid.
-- Migrations are ``migrations/NNNN_name.sql``, applied in order, each in one
-  transaction together with its row in ``schema_migrations``; applying twice
-  is a no-op.
+- Migrations are ``migrations/NNNN_name.sql``, run by migrate.py (the one
+  runner for both databases) with the :data:`SQLITE` dialect: each file in
+  one BEGIN IMMEDIATE transaction with its ledger row (the write lock
+  serialises runners), its statements split with sqlite3.complete_statement.
 """
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -23,16 +23,11 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from .clock import now_ms
-from .store.base import StoreError
+from . import migrate as runner
+from .migrate import DatabaseError
 
 MIN_SQLITE = (3, 35, 0)  # RETURNING, DROP COLUMN
 BUSY_TIMEOUT_MS = 10_000
-_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-class DatabaseError(StoreError):
-    """The database cannot be used (too old, unreadable, bad migration)."""
 
 
 class StoreUnavailable(DatabaseError):
@@ -144,64 +139,23 @@ def migrations_dir() -> Path:
 
 def available_migrations(directory: Path | None = None) -> list[tuple[int, str, Path]]:
     """(version, name, path) of every migration file, in order."""
-    found = []
-    for path in sorted((directory or migrations_dir()).glob("*.sql")):
-        match = _MIGRATION_NAME.match(path.name)
-        if match:
-            found.append((int(match.group(1)), match.group(2), path))
-    versions = [v for v, _, _ in found]
-    if len(versions) != len(set(versions)):
-        raise DatabaseError("two migrations share a version number")
-    return found
-
-
-def _ensure_ledger(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-    )
+    return runner.available(directory or migrations_dir())
 
 
 def applied_migrations(conn: sqlite3.Connection) -> dict[int, tuple[str, int]]:
     """version -> (name, applied_at ms) of the migrations recorded as applied."""
-    _ensure_ledger(conn)
-    rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    return {row[0]: (row[1], row[2]) for row in rows}
+    return runner.applied(conn, SQLITE)
 
 
 def pending_migrations(conn: sqlite3.Connection) -> list[str]:
     """File names of the migrations not yet applied, without writing
     anything (no ledger is created on a database that has none)."""
-    has_ledger = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-    ).fetchone()
-    applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} if has_ledger else set()
-    return [path.name for version, _, path in available_migrations() if version not in applied]
+    return runner.pending(conn, SQLITE)
 
 
 def migrate(conn: sqlite3.Connection, directory: Path | None = None, target: int | None = None) -> list[str]:
-    """Apply pending migrations in order (up to ``target``); return their file names.
-
-    Each file runs inside one BEGIN IMMEDIATE transaction with its ledger row,
-    so a crash mid-migration leaves the previous version intact, and two
-    processes migrating at once apply each file exactly once.
-    """
-    done: list[str] = []
-    for version, name, path in available_migrations(directory):
-        if target is not None and version > target:
-            break
-        sql = path.read_text(encoding="utf-8")
-        with write(conn):
-            if version in applied_migrations(conn):
-                continue
-            for statement in _split_sql(sql):
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (version, name, now_ms()),
-            )
-        done.append(path.name)
-    return done
+    """Apply pending migrations in order (up to ``target``); return their file names."""
+    return runner.run(conn, SQLITE, directory, target)
 
 
 def _split_sql(script: str) -> list[str]:
@@ -220,3 +174,20 @@ def _split_sql(script: str) -> list[str]:
     ):
         raise DatabaseError("migration ends with an incomplete statement")
     return statements
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in _split_sql(script):
+        conn.execute(statement)
+
+
+SQLITE = runner.Dialect(
+    directory=migrations_dir,
+    write=write,
+    serialise=lambda conn: None,  # BEGIN IMMEDIATE already holds the write lock
+    ledger_exists=lambda conn: conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'").fetchone() is not None,
+    run_script=_run_script,
+    placeholder="?",
+    time_type="INTEGER",
+)

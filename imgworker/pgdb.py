@@ -7,21 +7,21 @@ Contract:
   with the password masked, when psycopg is missing or the server cannot be
   reached at start: the CLI turns that into exit code 2.
 - Migrations are ``migrations/postgres/NNNN_name.sql`` (the PostgreSQL
-  dialect of ``migrations/NNNN_name.sql``), applied in order, each in one
-  transaction with its row in ``schema_migrations``. A transaction-level
-  advisory lock serialises nodes that migrate at once, so each file is
-  applied exactly once.
+  dialect of ``migrations/NNNN_name.sql``), run by migrate.py with the
+  :data:`POSTGRES` dialect: each file in one transaction with its ledger row
+  (DDL is transactional), after a transaction-level advisory lock that
+  serialises nodes migrating at once.
 - Connections are never carried across ``fork`` (the store reopens per pid).
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import db
+from . import migrate as runner
 from .config import ConfigError, mask_password
 
 CONNECT_TIMEOUT_S = 10
@@ -76,44 +76,26 @@ def migrations_dir() -> Path:
 
 
 def available_migrations(directory: Path | None = None) -> list[tuple[int, str, Path]]:
-    return db.available_migrations(directory or migrations_dir())
-
-
-def _ensure_ledger(conn: Any) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
-    )
+    return runner.available(directory or migrations_dir())
 
 
 def applied_migrations(conn: Any) -> dict[int, tuple[str, int]]:
     """version -> (name, applied_at ms) of the migrations recorded as applied
     (empty, without creating anything, on a database never migrated)."""
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AS x").fetchone()["x"]
-    if not exists:
-        return {}
-    rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations").fetchall()
-    return {r["version"]: (r["name"], r["applied_at"]) for r in rows}
+    return runner.applied(conn, POSTGRES)
 
 
 def migrate(conn: Any, directory: Path | None = None, target: int | None = None) -> list[str]:
-    """Apply pending migrations in order (up to ``target``); return their
-    file names. Each file and its ledger row commit together (PostgreSQL
-    DDL is transactional), so a failed file leaves the previous version."""
-    done: list[str] = []
-    for version, name, path in available_migrations(directory):
-        if target is not None and version > target:
-            break
-        sql = path.read_text(encoding="utf-8")
-        with write(conn):
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            _ensure_ledger(conn)
-            if version in applied_migrations(conn):
-                continue
-            conn.execute(sql)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (%s, %s, %s)",
-                (version, name, int(time.time() * 1000)),
-            )
-        done.append(path.name)
-    return done
+    """Apply pending migrations in order (up to ``target``); return their file names."""
+    return runner.run(conn, POSTGRES, directory, target)
+
+
+POSTGRES = runner.Dialect(
+    directory=migrations_dir,
+    write=write,
+    serialise=lambda conn: conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,)),
+    ledger_exists=lambda conn: conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AS x").fetchone()["x"],
+    run_script=lambda conn, script: conn.execute(script),  # one execute: psycopg sends the whole file
+    placeholder="%s",
+    time_type="BIGINT",
+)

@@ -102,3 +102,28 @@ def test_outcome_migration_moves_results_into_columns_and_the_json_stays_the_sam
     job = SqliteStore(tmp_path / "a.db").get(job_id)
     assert json.dumps(result_view(job.id, job.original_name, job.outcome)) == json.dumps(old)
     assert "result" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_one_runner_for_both_databases(database, tmp_path, request):
+    """migrate.run with each database's dialect: files in order, a failing
+    file leaves the version before it (its statements and ledger row undone),
+    the next run goes on from there, and a run with nothing pending is a no-op."""
+    from imgworker import migrate, pgdb
+
+    if database == "sqlite":
+        conn, dialect = db.connect(tmp_path / "x.db"), db.SQLITE
+    else:
+        conn, dialect = pgdb.connect(request.getfixturevalue("pg_url")), pgdb.POSTGRES
+    mig = tmp_path / "m"
+    mig.mkdir()
+    (mig / "0001_a.sql").write_text("CREATE TABLE a (x INTEGER);\nINSERT INTO a VALUES (1);\n")
+    (mig / "0002_b.sql").write_text("CREATE TABLE b (x INTEGER);\nINSERT INTO nowhere VALUES (1);\n")
+    with pytest.raises(Exception, match="nowhere"):
+        migrate.run(conn, dialect, mig)
+    assert list(migrate.applied(conn, dialect)) == [1]
+    (mig / "0002_b.sql").write_text("CREATE TABLE b (x INTEGER);\n")  # fails if the failed file's table stayed
+    assert migrate.run(conn, dialect, mig) == ["0002_b.sql"]
+    assert migrate.run(conn, dialect, mig) == []
+    assert sorted(migrate.applied(conn, dialect)) == [1, 2]
+    conn.close()
