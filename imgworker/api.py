@@ -182,12 +182,12 @@ class Api:
             return None
         blocked = self.ratelimit.blocked(self._client(head))
         if blocked is not None:
-            return Refusal(429, "Too Many Requests", "RATE_LIMITED", RATE_LIMITED_TEXT,
+            return Refusal(ErrorCode.RATE_LIMITED, RATE_LIMITED_TEXT,
                            {"Retry-After": blocked["RateLimit-Reset"], **blocked})
         if head.path in UPLOAD_PATHS:
             problems = self._storage_problems(refresh=bool(self._storage[1]))  # I/O only while it is failing
             if problems:
-                return Refusal(503, "Service Unavailable", "STORAGE_UNAVAILABLE",
+                return Refusal(ErrorCode.STORAGE_UNAVAILABLE,
                                "The server cannot store uploads right now; try again later",
                                {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
             need = head.content_length if head.content_length is not None else body_limit(
@@ -196,8 +196,8 @@ class Api:
             if free - need < self.cfg.min_free_disk_mb * 2**20:
                 LOG.warning("Upload refused: %d MB free, MIN_FREE_DISK_MB=%d", free // 2**20,
                             self.cfg.min_free_disk_mb)
-                return Refusal(507, "Insufficient Storage", "INSUFFICIENT_STORAGE",
-                               "The server is low on disk space; try again later", {"Retry-After": "60"})
+                return Refusal(ErrorCode.INSUFFICIENT_STORAGE, "The server is low on disk space; try again later",
+                               {"Retry-After": "60"})
         return None
 
     def charge(self, head: RequestHead) -> None:

@@ -44,6 +44,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Callable, Protocol
 
 from waitress import wasyncore
@@ -57,26 +58,28 @@ from . import config as config_mod
 from . import log
 from .http import body_limit, client_of, json_error, security_headers
 from .metrics import Metrics
+from .model import ErrorCode
 
 LOG = log.get("api")
 FD_HEADROOM = 256  # database, log, upload temp files, worker threads
 ACCEPT_BATCH = 128  # connections accepted per loop round at most
 RECV_BYTES = 64 * 1024  # bytes read from a socket per I/O-loop round (Waitress: 8 KiB)
 GOOD_RATE_FACTOR = 8  # a body at 8 x BODY_MIN_BYTES_PER_S is "keeping up" for eviction
-# Waitress' own error classes by status -> the contract's code
-WAITRESS_CODES = {400: "BAD_REQUEST", 408: "REQUEST_TIMEOUT", 413: "FILE_TOO_LARGE",
-                  431: "HEADERS_TOO_LARGE", 500: "INTERNAL_ERROR", 501: "NOT_IMPLEMENTED"}
+# Waitress' own errors (each a status) -> the contract's code, whose status is the same
+WAITRESS_CODES = {c.http_status: c for c in (ErrorCode.BAD_REQUEST, ErrorCode.REQUEST_TIMEOUT, ErrorCode.FILE_TOO_LARGE,
+                                            ErrorCode.HEADERS_TOO_LARGE, ErrorCode.INTERNAL_ERROR,
+                                            ErrorCode.NOT_IMPLEMENTED)}
 
 
 class Refusal(Error):
     """A request refused from its headers or while its body arrives: a
     Waitress error (so the channel answers it at once and closes) carrying
-    the contract's code and extra response headers."""
+    the contract's code, whose status it is answered with (model.ErrorCode
+    holds each code's status: one place), and extra response headers."""
 
-    def __init__(self, status: int, reason: str, code: str, message: str,
-                 headers: dict[str, str] | None = None):
+    def __init__(self, code: ErrorCode, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.code, self.reason = status, reason
+        self.code, self.reason = code.http_status, HTTPStatus(code.http_status).phrase
         self.json_code = code
         self.headers = dict(headers or {})
 
@@ -116,20 +119,21 @@ class Edge:
     max_connections: int = 0  # effective (may be lowered to fit the descriptor limit)
 
 
-def error_response(status: int, reason: str, code: str, message: str, path: str, cfg: config_mod.Config,
+def error_response(status: int, code: str, message: str, path: str, cfg: config_mod.Config,
                    headers: dict[str, str] | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
     """(status line, headers, body) of a JSON error written by the server."""
     body, hdrs = json_error(status, message, code)
     data = body.encode()
     out = list(hdrs.items()) + security_headers(path, cfg) + list((headers or {}).items())
-    return f"{status} {reason}", out + [("Content-Length", str(len(data)))], data
+    return f"{status} {HTTPStatus(status).phrase}", out + [("Content-Length", str(len(data)))], data
 
 
-def raw_response(status: int, reason: str, code: str, message: str, cfg: config_mod.Config,
+def raw_response(code: ErrorCode, message: str, cfg: config_mod.Config,
                  headers: dict[str, str] | None = None) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, for the places
-    that answer without a request task (connection refusal, timeouts)."""
-    line, hdrs, data = error_response(status, reason, code, message, "", cfg, headers)
+    """A whole HTTP/1.1 response with ``code``'s status that closes the
+    connection, for the places that answer without a request task
+    (connection refusal, timeouts)."""
+    line, hdrs, data = error_response(code.http_status, code, message, "", cfg, headers)
     head = "".join(f"{k}: {v}\r\n" for k, v in hdrs + [("Connection", "close")])
     return f"HTTP/1.1 {line}\r\n{head}\r\n".encode("latin-1") + data
 
@@ -140,13 +144,13 @@ class JsonErrorTask(ErrorTask):
     def execute(self) -> None:
         e = self.request.error
         edge: Edge = self.channel.server.edge
-        code = getattr(e, "json_code", None) or WAITRESS_CODES.get(e.code, "BAD_REQUEST")
+        code = getattr(e, "json_code", None) or WAITRESS_CODES.get(e.code, ErrorCode.BAD_REQUEST)
         message = str(e.body)[:300]
-        if e.code == 413 and code == "FILE_TOO_LARGE":
+        if code == ErrorCode.FILE_TOO_LARGE:
             message = f"The upload is larger than the {edge.cfg.max_file_size_mb:g} MB limit"
         path = getattr(self.request, "path", "") or ""
-        status, headers, body = error_response(e.code, e.reason, code, message, path, edge.cfg,
-                                               getattr(e, "headers", None))
+        # e.code: Waitress' status for its own errors, the code's for a Refusal
+        status, headers, body = error_response(e.code, code, message, path, edge.cfg, getattr(e, "headers", None))
         self.status = status
         self.response_headers.extend(headers)
         self.set_close_on_finish()
@@ -177,8 +181,7 @@ class Parser(HTTPRequestParser):
         self.head = RequestHead(self.command, path, self.headers, self.channel.addr[0],
                                 None if self.chunked else self.content_length)
         if (self.chunked or self.content_length > 0) and self.limit == 0:
-            self._refuse(Refusal(413, "Content Too Large", "BODY_NOT_ALLOWED",
-                                 f"{self.command} {path[:100]} takes no request body"))
+            self._refuse(Refusal(ErrorCode.BODY_NOT_ALLOWED, f"{self.command} {path[:100]} takes no request body"))
             return
         refusal = edge.gate.admit(self.head)  # first: a client over its limit gets 429, whatever it sends
         if refusal is not None:
@@ -187,7 +190,7 @@ class Parser(HTTPRequestParser):
             self._too_large()
 
     def _too_large(self) -> None:
-        self._refuse(Refusal(413, "Content Too Large", "FILE_TOO_LARGE", ""))
+        self._refuse(Refusal(ErrorCode.FILE_TOO_LARGE, ""))
         if self.head is not None:
             self.channel.server.edge.gate.charge(self.head)
 
@@ -267,7 +270,7 @@ class Channel(HTTPChannel):
         edge: Edge = self.server.edge
         edge.metrics.rejected("REQUEST_TIMEOUT")
         # best effort: the socket is not waiting on any task output here
-        self.send(raw_response(408, "Request Timeout", "REQUEST_TIMEOUT", message, edge.cfg))
+        self.send(raw_response(ErrorCode.REQUEST_TIMEOUT, message, edge.cfg))
         self.will_close = True
 
     def del_channel(self, map: dict | None = None) -> None:
@@ -310,26 +313,26 @@ class Server(TcpWSGIServer):
         client = client_of(addr[0])
         cfg = self.edge.cfg
         if not cfg.trust_proxy and self.per_client[client] >= cfg.max_connections_per_client:
-            self._refuse(conn, "TOO_MANY_CONNECTIONS",
+            self._refuse(conn, ErrorCode.TOO_MANY_CONNECTIONS,
                          f"More than {cfg.max_connections_per_client} open connections from this address")
             return
         if len(self.active_channels) >= self.edge.max_connections:
             victim = self._least_active()
             if victim is None:  # every connection is being answered: a real overload
-                self._refuse(conn, "SERVER_BUSY", "The server has too many connections; try again shortly")
+                self._refuse(conn, ErrorCode.SERVER_BUSY, "The server has too many connections; try again shortly")
                 return
-            self.edge.metrics.rejected("CONNECTION_EVICTED")
+            self.edge.metrics.rejected(ErrorCode.CONNECTION_EVICTED)
             victim.handle_close()
         channel = self.channel_class(self, conn, addr, self.adj, map=self.socket_map)
         with self._lock:
             self.per_client[client] += 1
             self._counted.add(id(channel))
 
-    def _refuse(self, conn: socket.socket, code: str, message: str) -> None:
+    def _refuse(self, conn: socket.socket, code: ErrorCode, message: str) -> None:
         self.edge.metrics.rejected(code)
         try:
             conn.setblocking(False)
-            conn.send(raw_response(503, "Service Unavailable", code, message, self.edge.cfg, {"Retry-After": "1"}))
+            conn.send(raw_response(code, message, self.edge.cfg, {"Retry-After": "1"}))
         except OSError:
             pass
         conn.close()

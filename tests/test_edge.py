@@ -409,3 +409,37 @@ def test_eviction_never_picks_a_new_connection_over_older_ones_that_spoke_late(a
     finally:
         for s in old + ([extra] if extra else []):
             s.close()
+
+
+def test_refusal_statuses_come_from_the_error_codes(api_server, monkeypatch):
+    """The server answers each of its refusals with the status model.ErrorCode
+    gives the code (one place says which status a code has): moved there,
+    the answers follow (before: server.py wrote its own numbers)."""
+    from imgworker.model import ErrorCode
+
+    for code, status in ((ErrorCode.BODY_NOT_ALLOWED, 418), (ErrorCode.REQUEST_TIMEOUT, 425),
+                         (ErrorCode.TOO_MANY_CONNECTIONS, 451), (ErrorCode.RATE_LIMITED, 402)):
+        monkeypatch.setattr(code, "http_status", status)
+    http, _ = api_server(HEADER_TIMEOUT_MS=300, MAX_CONNECTIONS_PER_CLIENT=1, RATE_LIMIT_MAX_REQUESTS=1)
+
+    def connect(source):  # a client of its own for each part (one connection each at a time)
+        return socket.create_connection(("127.0.0.1", http.port), timeout=5, source_address=(source, 0))
+
+    with connect("127.0.0.11") as s:
+        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        status, _, body = reply_of(s)
+    assert (status, json.loads(body)["code"]) == (418, "BODY_NOT_ALLOWED")  # a Refusal
+    with connect("127.0.0.12") as slow:
+        slow.sendall(b"GET /api/health HTTP/1.1\r\n")
+        with connect("127.0.0.12") as extra:
+            status, _, body = reply_of(extra)
+        assert (status, json.loads(body)["code"]) == (451, "TOO_MANY_CONNECTIONS")  # refused at accept
+        status, _, body = reply_of(slow)
+        assert (status, json.loads(body)["code"]) == (425, "REQUEST_TIMEOUT")  # cut off by the deadline
+    body, ctype = multipart(files=[("image", "a.jpg", JPEG)])
+    with connect("127.0.0.13") as s:
+        statuses = []
+        for _ in range(2):
+            s.sendall(post_head("/api/process/single", len(body), ctype) + body)
+            statuses.append(reply_of(s)[0])
+    assert statuses == [202, 402]  # the second refused from its headers by the API's gate (a Refusal too)
