@@ -443,3 +443,29 @@ def test_refusal_statuses_come_from_the_error_codes(api_server, monkeypatch):
             s.sendall(post_head("/api/process/single", len(body), ctype) + body)
             statuses.append(reply_of(s)[0])
     assert statuses == [202, 402]  # the second refused from its headers by the API's gate (a Refusal too)
+
+
+def test_a_multi_megabyte_upload_is_stored_byte_for_byte(api_server):
+    """Uploads arrive in RECV_BYTES (64 KiB) socket reads and Waitress spools
+    a body past 512 KiB to a file: a photo sent whole, and one sent in paced
+    pieces that straddle the read boundaries, are stored exactly as sent."""
+    from pathlib import Path
+
+    from helpers import noisy_jpeg
+    from imgworker.server import RECV_BYTES
+
+    http, api = api_server()
+    photo = noisy_jpeg((1600, 1200))
+    assert len(photo) > 10 * RECV_BYTES
+    body, ctype = multipart(files=[("image", "p.jpg", photo)])
+    for piece in (len(body), 70_001):
+        with socket.create_connection(("127.0.0.1", http.port), timeout=10) as s:
+            s.sendall(post_head("/api/process/single", len(body), ctype))
+            for i in range(0, len(body), piece):
+                s.sendall(body[i:i + piece])
+                time.sleep(0.002)  # pacing (not synchronisation): the server reads partial pieces
+            status, _, reply = reply_of(s, timeout=10)
+        assert status == 202, reply
+        job = api.store.get(json.loads(reply)["jobId"])
+        assert Path(job.input_path).read_bytes() == photo
+    assert os.listdir(api.storage.tmp) == []
