@@ -169,6 +169,7 @@ def install_seed() -> Path | None:
     r = subprocess.run(["npm", "ci", "-s", "--no-audit", "--no-fund"], cwd=d, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"Node original: skipped (npm ci failed: {r.stderr.strip()[-200:]})")
+        shutil.rmtree(d, ignore_errors=True)
         return None
     return d
 
@@ -278,6 +279,14 @@ def vs_node(rounds: int, repeat: int, only: str | None = None) -> None:
     root = install_seed() if only != "imgworker" else Path()
     if root is None:
         return
+    try:
+        _compare(root, rounds, repeat, only)
+    finally:
+        if only != "imgworker":
+            shutil.rmtree(root, ignore_errors=True)  # the installed copy (27 MB of node_modules)
+
+
+def _compare(root: Path, rounds: int, repeat: int, only: str | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="service-bench-"))
     runs: dict[str, list[dict]] = {"Node original": [], "imgworker": []}
     print(f"loadgen.py: 4 clients, mate-backgrounds x{repeat}, 2 workers each, alternating, {rounds} rounds")
@@ -303,6 +312,7 @@ def vs_node(rounds: int, repeat: int, only: str | None = None) -> None:
             n = max(1, r["images"])
             print("      CPU ms per image: " + ", ".join(f"{k} {v * 1000 / n:.0f}" for k, v in sorted(r["cpu"].items())))
     seed, ours = runs["Node original"], runs["imgworker"]
+    shutil.rmtree(tmp, ignore_errors=True)
     if only:
         return
     ratio = statistics.fmean(r["img_s"] for r in ours) / statistics.fmean(r["img_s"] for r in seed)
@@ -318,7 +328,6 @@ def vs_node(rounds: int, repeat: int, only: str | None = None) -> None:
     hs = [x for r in seed for x in r["health"]]
     print(f"/api/health under load: imgworker p50 {pct(h, 50):.1f} p99 {pct(h, 99):.1f} ms (n={len(h)}); "
           f"Node p50 {pct(hs, 50):.1f} p99 {pct(hs, 99):.1f} ms (n={len(hs)})")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
