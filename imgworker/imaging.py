@@ -240,18 +240,33 @@ def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
 # P3, a camera's), and building a transform costs 2-3 ms per image.
 _TRANSFORMS: dict[tuple[bytes, str], Any] = {}
 _TRANSFORMS_MAX = 32
-# 17 levels per channel, 0 to 255 (17^3 colours, an ICC LUT's usual grid).
+# What a profile must map to within one level of itself to count as sRGB:
+# a 17-level grid (17^3 colours: pins down the 3x3 matrix) and every level of
+# each channel alone and of grey (a profile's curves are tables of up to 4096
+# entries, so a curve may leave sRGB's between grid levels).
 _LEVELS = [min(i * 16, 255) for i in range(17)]
-_GRID = Image.frombytes("RGB", (17 ** 3, 1), bytes(v for r in _LEVELS for g in _LEVELS for b in _LEVELS
-                                                   for v in (r, g, b)))
+_GRID = Image.frombytes("RGB", (17 ** 3 + 4 * 256, 1), bytes(
+    [v for r in _LEVELS for g in _LEVELS for b in _LEVELS for v in (r, g, b)]
+    + [v for level in range(256) for ramp in ((level, 0, 0), (0, level, 0), (0, 0, level), (level,) * 3)
+       for v in ramp]))
+
+
+def _has_lookup_table(icc: bytes) -> bool:
+    """Whether ``icc`` has an A2B or D2B tag: lcms then uses that table (a
+    grid of any spacing behind curves) instead of the matrix and curves, and
+    a table may differ from sRGB anywhere between the colours we check."""
+    count = int.from_bytes(icc[128:132], "big")
+    table = icc[132:132 + 12 * count]
+    return any(table[i:i + 3] in (b"A2B", b"D2B") for i in range(0, len(table), 12))
 
 
 def _srgb_transform(icc: bytes, mode: str) -> Any:
     """The lcms transform from ``icc`` to sRGB for an image of ``mode``, or
     None when there is nothing to do: a broken or mismatched profile (the
-    picture is then used as stored), or an RGB profile that maps every colour
-    of a 17-level grid to within one level of itself, i.e. sRGB under another
-    name (applying it would cost 12 ms per megapixel for nothing)."""
+    picture is then used as stored), or a matrix/TRC RGB profile that maps a
+    17-level grid and every level of each channel to within one level of
+    itself, i.e. sRGB under another name (applying it would cost 12 ms per
+    megapixel for nothing). A profile with a lookup table is always applied."""
     key = (hashlib.sha256(icc).digest(), mode)
     if key in _TRANSFORMS:
         return _TRANSFORMS[key]
@@ -260,7 +275,7 @@ def _srgb_transform(icc: bytes, mode: str) -> Any:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         out_mode = "RGBA" if mode == "RGBA" else "RGB"
         transform = ImageCms.buildTransform(src, _SRGB, mode, out_mode)
-        if mode in ("RGB", "RGBA"):
+        if mode in ("RGB", "RGBA") and not _has_lookup_table(icc):
             grid = _GRID if mode == "RGB" else _GRID.convert("RGBA")
             if _max_difference(ImageCms.applyTransform(grid, transform).convert("RGB"), _GRID) <= 1:
                 transform = None

@@ -94,20 +94,42 @@ def free_port():
         return s.getsockname()[1]
 
 
+SRGB_COLORANTS = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))  # D50
+
+
 def swapped_icc():
     """An RGB matrix/TRC ICC profile whose red and green colorants are sRGB's
     green and red: a pixel stored as pure red displays as green."""
+    red, green, blue = SRGB_COLORANTS
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0"  # gamma 2.2
+    return matrix_icc((green, red, blue), (curve, curve, curve))
+
+
+def srgb_curve(level):
+    """sRGB's decoding curve at ``level`` (0-255), 0.0-1.0."""
+    v = level / 255
+    return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+
+def table_curve(values):
+    """An ICC curv tag from a table of 0.0-1.0 values."""
+    return b"curv\0\0\0\0" + struct.pack(">I", len(values)) + b"".join(
+        struct.pack(">H", round(min(1.0, max(0.0, v)) * 65535)) for v in values)
+
+
+def matrix_icc(colorants, curves):
+    """An RGB matrix/TRC (v2 display) ICC profile with these D50 colorants
+    (red, green, blue XYZ) and curv tags (red, green, blue)."""
     def s15(v):
         return struct.pack(">i", round(v * 65536))
 
     def xyz(x, y, z):
         return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
 
-    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0"  # gamma 2.2
-    desc = b"desc\0\0\0\0" + struct.pack(">I", 5) + b"swap\0" + bytes(78)
-    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.3851, 0.7169, 0.0971)),
-            (b"gXYZ", xyz(0.4361, 0.2225, 0.0139)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    desc = b"desc\0\0\0\0" + struct.pack(">I", 5) + b"test\0" + bytes(78)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*colorants[0])),
+            (b"gXYZ", xyz(*colorants[1])), (b"bXYZ", xyz(*colorants[2])),
+            (b"rTRC", curves[0]), (b"gTRC", curves[1]), (b"bTRC", curves[2])]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags:

@@ -13,7 +13,7 @@ from imgworker.errors import ImageError
 from imgworker.imaging import Limits, fit, probe, process, sniff
 from imgworker.views import result_view
 
-from helpers import image_bytes, swapped_icc
+from helpers import SRGB_COLORANTS, image_bytes, matrix_icc, srgb_curve, swapped_icc, table_curve
 
 LIMITS = Limits()
 
@@ -158,6 +158,39 @@ def test_an_srgb_profile_under_any_name_is_not_applied():
     assert imaging._srgb_transform(srgb, "RGBA") is None
     assert imaging._srgb_transform(swapped_icc(), "RGB") is not None
     assert imaging._srgb_transform(b"not a profile", "RGB") is None  # broken: the picture as stored
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_a_profile_that_leaves_srgb_between_grid_levels_is_applied(tmp_path, mode):
+    """A profile whose red curve is sRGB's at every 16th level but 12 levels
+    darker between them is not sRGB: it is applied, and a stored red of 200
+    comes out as the 188 it displays as (the check covers every level of
+    each channel, not only the 17-level grid). sRGB's own curve as a
+    256-entry table is still sRGB."""
+    from imgworker import imaging
+
+    srgb = table_curve([srgb_curve(level) for level in range(256)])
+    assert imaging._srgb_transform(matrix_icc(SRGB_COLORANTS, (srgb,) * 3), mode) is None
+    darker = table_curve([srgb_curve(level if level % 16 == 0 or level == 255 else level - 12)
+                          for level in range(256)])
+    icc = matrix_icc(SRGB_COLORANTS, (darker, srgb, srgb))
+    assert imaging._srgb_transform(icc, mode) is not None
+    data = image_bytes("PNG", (40, 40), mode=mode, color=(200, 100, 100, 255)[:len(mode)], icc_profile=icc)
+    _, path = run(tmp_path, data, format="png")
+    assert close(color_at(Image.open(path), 20, 20), (188, 100, 100), 1)
+
+
+def test_a_profile_with_a_lookup_table_is_always_applied():
+    """An A2B0 table is what lcms uses when a profile has one, and a table
+    can leave sRGB anywhere between the colours checked: never skipped."""
+    from imgworker import imaging
+
+    srgb = table_curve([srgb_curve(level) for level in range(256)])
+    icc = matrix_icc(SRGB_COLORANTS, (srgb,) * 3)
+    assert not imaging._has_lookup_table(icc)
+    for table in (b"A2B0", b"A2B1", b"D2B0"):
+        renamed = icc[:132 + 12] + table + icc[132 + 16:]  # the second tag's signature (wtpt), renamed
+        assert imaging._has_lookup_table(renamed)
 
 
 def test_jpeg_output_is_progressive_and_alpha_flattened_on_white(tmp_path):
