@@ -524,7 +524,11 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
                                  detail=_why(exc)) from None
             try:
                 data = _encode(frames, durations, loop, fmt, quality, limits.avif_speed)
-            except MemoryError:
+            except ImageError:
+                raise
+            except Exception as exc:
+                if not _out_of_memory(exc, frames[0].width * frames[0].height):
+                    raise  # a bug, not the image's fault
                 raise ImageError("IMAGE_TOO_LARGE", "Encoding the image needs more memory than the worker has") from None
             out_w, out_h = frames[0].size
             resized = (out_w, out_h) != (info.width, info.height)
@@ -543,6 +547,21 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
         output_format=fmt, output_size=len(data), output_width=out_w, output_height=out_h,
         frames_in=info.frames, frames_out=len(frames), animated=animate, kept_original=kept_original,
     )
+
+
+def _out_of_memory(exc: Exception, pixels: int) -> bool:
+    """Whether an encoder's failure on a picture of ``pixels`` pixels is the
+    worker's memory running out. Python and Pillow raise MemoryError; the
+    codecs report a failed allocation in their own words (libwebp "encoding
+    error 1", Pillow's GIF quantizer "quantization error", libjpeg "broken
+    data stream"), which would read as a server error. Encoding a picture
+    we decoded fails for no other reason than memory or a bug, so it counts
+    as memory when 8 bytes a pixel (what the encoders take, measured) would
+    not fit under the worker's address-space cap now."""
+    return isinstance(exc, MemoryError) or not _fits_in_address_space(pixels * _ENCODER_BYTES_PER_PIXEL)
+
+
+_ENCODER_BYTES_PER_PIXEL = 8
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -583,10 +602,9 @@ def _stripped_original(src: Path, info: Probe) -> bytes | None:
     if info.orientation != 1 or info.info.get("icc_profile"):
         return None
     try:
-        data = src.read_bytes()
-    except OSError:
-        return None  # re-encoding is always possible
-    return strip(data, info.format)
+        return strip(src.read_bytes(), info.format)
+    except (OSError, MemoryError):  # an optimisation: the re-encoded picture is already in hand
+        return None
 
 
 def _same_pixels(data: bytes, fmt: str, frames: list[Image.Image]) -> bool:

@@ -565,3 +565,72 @@ def test_the_fast_resizer_never_aborts_a_worker_at_its_memory_cap(mode):
     assert tight.stdout.split("\n")[:2] == ["pillow", "MemoryError"]
     roomy = resize_with(600)
     assert roomy.returncode == 0 and roomy.stdout.strip() == "(3000, 2000)", roomy.stdout + roomy.stderr[-500:]
+
+
+_ENCODE_UNDER_A_CAP = r"""
+import resource, sys
+from imgworker import imaging
+from imgworker.errors import ImageError
+from imgworker.limits import Limits
+
+real_encode, headroom = imaging._encode, [0]
+UNCAPPED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+
+def capped_encode(*args, **kwargs):
+    # the cap falls just before encoding (decoding is not what is tested) and
+    # stays while a failure is handled, as a worker's does
+    with open("/proc/self/statm") as fh:
+        used = int(fh.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom[0] * 2**20, resource.RLIM_INFINITY))
+    data = real_encode(*args, **kwargs)
+    resource.setrlimit(resource.RLIMIT_AS, UNCAPPED)
+    return data
+
+
+imaging._encode = capped_encode
+for headroom[0] in range(5, 125, 10):
+    resource.setrlimit(resource.RLIMIT_AS, UNCAPPED)
+    try:
+        imaging.process(sys.argv[1], sys.argv[2], "j", {"format": sys.argv[3]}, Limits(max_width=4096, max_height=4096))
+        print("ok", flush=True)
+    except ImageError as exc:
+        print(exc.code, flush=True)
+    except Exception as exc:
+        print(type(exc).__name__, exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif", "jpeg"])
+def test_an_encoder_out_of_memory_is_image_too_large_not_a_server_error(tmp_path, fmt):
+    """Near the worker's memory cap the codecs fail in their own words
+    (libwebp "encoding error 1", the GIF quantizer "quantization error",
+    libjpeg "broken data stream"): the job fails as IMAGE_TOO_LARGE, like a
+    MemoryError, not as a server error. Encoded under caps from 5 to 115 MB
+    above what the process holds: each attempt works or is IMAGE_TOO_LARGE."""
+    import subprocess
+    import sys
+
+    gradient = Image.linear_gradient("L").resize((3000, 2000))
+    Image.merge("RGB", (gradient, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                        gradient.transpose(Image.Transpose.FLIP_TOP_BOTTOM))).save(tmp_path / "in.png")
+    (tmp_path / "out").mkdir()
+    run_ = subprocess.run([sys.executable, "-c", _ENCODE_UNDER_A_CAP, str(tmp_path / "in.png"), str(tmp_path / "out"),
+                           fmt], capture_output=True, text=True, timeout=120)
+    outcomes = run_.stdout.split()
+    assert run_.returncode == 0 and len(outcomes) == 12, run_.stdout + run_.stderr[-500:]
+    assert set(outcomes) == {"ok", "IMAGE_TOO_LARGE"}, run_.stdout
+
+
+def test_keeping_the_original_out_of_memory_still_gives_the_re_encoded_picture(tmp_path, monkeypatch):
+    """Stripping the original's metadata is an optimisation: when it runs
+    out of memory, the job still succeeds with the picture it encoded."""
+    from imgworker import imaging
+
+    def no_memory(data, fmt):
+        raise MemoryError
+
+    monkeypatch.setattr(imaging, "strip", no_memory)
+    result, path = run(tmp_path, image_bytes("PNG", (40, 30)), format="png")
+    assert result["optimization"]["keptOriginalEncoding"] is False
+    assert Image.open(path).size == (40, 30)
