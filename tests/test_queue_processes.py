@@ -14,12 +14,16 @@ from imgworker.store import NewJob
 from imgworker.store.sqlite import SqliteStore
 
 CLAIMER = r"""
-import json, sys
+import json, os, sys, time
 from imgworker.model import Outcome
 from imgworker.store.sqlite import SqliteStore
 q = SqliteStore(sys.argv[1], durable=False)
 OUTCOME = Outcome(0, "jpeg", 1, 1, 1, "webp", 1, 1, 1)
 owner = sys.argv[2]
+open(sys.argv[3] + "." + owner, "w").close()  # ready
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[3]) and time.monotonic() < deadline:  # all start together
+    time.sleep(0.005)
 got = []
 while True:
     job = q.claim(owner, 60000)
@@ -37,11 +41,17 @@ def test_four_processes_claim_10000_jobs_exactly_once(tmp_path):
     q.migrate()
     n = 10_000
     q.enqueue([NewJob(f"j{i}", "/in", "x.jpg", 1) for i in range(n)], n, 1)
+    go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), f"p{k}"],
+        subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), f"p{k}", str(go)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for k in range(4)
     ]
+    # a process that imports slowly on a loaded machine would otherwise find the queue empty
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"go.p{k}").exists() for k in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     claimed = []
     for p in procs:
         out, err = p.communicate(timeout=120)
