@@ -310,9 +310,9 @@ def _resize(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
         # Rust aborts the process on a failed allocation: see _fits_in_address_space
         if _fits_in_address_space(_fast_buffers(frame, size)):
             out = Image.new(frame.mode, size, None)  # None: not filled, the resizer writes every pixel
-            # A Resizer per call: one keeps its largest buffers for reuse
-            # (a premultiplied copy of the biggest RGBA input: +47 MB of a
-            # worker's RSS for good after a 3640x2400 PNG).
+            # A Resizer per call: one keeps its largest buffers (a premultiplied
+            # copy of the biggest RGBA input so far) to itself; freed, they go
+            # back to the allocator for the next job's decode to reuse.
             resizer().resize_pil(frame, out, _FAST_OPTIONS)
             return out
     return frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)

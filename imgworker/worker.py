@@ -13,7 +13,6 @@ EOF means "exit").
 from __future__ import annotations
 
 import ctypes
-import ctypes
 import os
 import resource
 import signal
@@ -76,23 +75,6 @@ def _cap_memory(max_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _return_freed_buffers() -> None:
-    """Keep glibc's mmap threshold at 128 KiB. glibc gives a freed allocation
-    above it back to the kernel, but after the first such free it raises the
-    threshold to that size (up to 32 MiB), and from then on a job's big
-    buffers (fast_image_resize's premultiplied copy of an RGBA input: 24 MB
-    for 3000x2000) come from the heap and stay resident when freed: +56 MB
-    for the rest of the worker's life. Setting the threshold turns that
-    adjustment off. Elsewhere than glibc the call is absent or a no-op."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-
-
 def _schedule_as_batch() -> None:
     """Run under SCHED_BATCH (Linux): the kernel takes us for CPU-bound work,
     so the API's and the supervisor's threads (SCHED_OTHER) win wake-ups
@@ -114,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent(parent)
     _cap_memory(int(argv[2]) if len(argv) > 2 else 0)
-    _return_freed_buffers()
     if len(argv) > 3 and argv[3] == "batch":
         _schedule_as_batch()  # before any thread starts: threads inherit the policy
     sock = socket.socket(fileno=fd)
