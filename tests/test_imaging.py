@@ -531,7 +531,8 @@ from PIL import Image
 from imgworker import imaging
 
 assert imaging._fast_resizer() is not None
-src = Image.new(sys.argv[1], (6000, 4000), 90)
+mode, owned = sys.argv[1].split()[0], sys.argv[1].endswith(" owned")
+src = Image.new(mode, (6000, 4000), 90)
 src.load()
 with open("/proc/self/statm") as fh:
     used = int(fh.read().split()[0]) * resource.getpagesize()
@@ -540,18 +541,20 @@ resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 pillow = Image.Image.resize
 Image.Image.resize = lambda *a, **k: print("pillow", flush=True) or pillow(*a, **k)
 try:
-    print(imaging._resize(src, (3000, 2000)).size, flush=True)
+    print(imaging._resize(src, (3000, 2000), owned).size, flush=True)
 except MemoryError:
     print("MemoryError", flush=True)
 """
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBA owned"])
 def test_the_fast_resizer_never_aborts_a_worker_at_its_memory_cap(mode):
     """A worker's address space is capped (WORKER_MAX_RSS_MB x 2). Rust
     aborts the whole process when an allocation fails, so near the cap the
     fast resizer must not run: Pillow's resize raises MemoryError (the job
-    fails as IMAGE_TOO_LARGE, the worker lives). Far from the cap it runs."""
+    fails as IMAGE_TOO_LARGE, the worker lives). Far from the cap it runs.
+    An RGBA frame the caller owns is premultiplied where it lies; one it
+    does not own needs a 92 MB copy first, which the check must count."""
     import subprocess
     import sys
 
@@ -563,6 +566,13 @@ def test_the_fast_resizer_never_aborts_a_worker_at_its_memory_cap(mode):
     tight = resize_with(40)
     assert tight.returncode == 0, tight.stderr[-500:]
     assert tight.stdout.split("\n")[:2] == ["pillow", "MemoryError"]
+    # room for the output and the fast path's intermediate (46 MB), not for a copy of the input
+    middle = resize_with(110)
+    assert middle.returncode == 0, middle.stderr[-500:]
+    if mode == "RGBA":
+        assert middle.stdout.split("\n")[0] == "pillow", middle.stdout
+    else:
+        assert middle.stdout.strip() == "(3000, 2000)", middle.stdout
     roomy = resize_with(600)
     assert roomy.returncode == 0 and roomy.stdout.strip() == "(3000, 2000)", roomy.stdout + roomy.stderr[-500:]
 
@@ -634,3 +644,67 @@ def test_keeping_the_original_out_of_memory_still_gives_the_re_encoded_picture(t
     result, path = run(tmp_path, image_bytes("PNG", (40, 30)), format="png")
     assert result["optimization"]["keptOriginalEncoding"] is False
     assert Image.open(path).size == (40, 30)
+
+
+def test_an_animation_frame_resized_with_alpha_leaves_the_next_frame_intact(tmp_path):
+    """An APNG frame stores only what changed: the decoder draws it over the
+    previous frame's pixels. Resizing premultiplies alpha, which must not
+    happen in those pixels (the next frame would show the half-transparent
+    red darkened to (128, 0, 0))."""
+    from PIL import PngImagePlugin
+
+    first = Image.new("RGBA", (1200, 200), (0, 0, 255, 255))
+    first.paste((255, 0, 0, 128), (0, 0, 600, 200))
+    second = first.copy()
+    second.paste((0, 255, 0, 255), (1000, 50, 1100, 150))  # the only change: a green square
+    buf = io.BytesIO()
+    first.save(buf, "PNG", save_all=True, append_images=[second], duration=[100, 100], loop=0,
+               disposal=PngImagePlugin.Disposal.OP_NONE, blend=PngImagePlugin.Blend.OP_SOURCE)
+    with Image.open(io.BytesIO(buf.getvalue())) as check:
+        check.seek(1)
+        assert check.tile[0][1][2] - check.tile[0][1][0] < 200, "the second frame should be stored as a delta"
+    result, path = run(tmp_path, buf.getvalue(), format="webp", quality=100, maxWidth=600)
+    assert result["framesOut"] == 2
+    out = Image.open(path)
+    for index in range(2):
+        out.seek(index)
+        frame = out.convert("RGBA")
+        assert frame.size == (600, 100)
+        red = frame.getpixel((100, 50))
+        assert close(red[:3], (255, 0, 0), 12) and abs(red[3] - 128) <= 4, (index, red)
+        assert close(frame.getpixel((400, 50)), (0, 0, 255, 255), 12)
+    assert close(frame.getpixel((525, 50)), (0, 255, 0, 255), 12)  # the second frame's square
+
+
+def test_rgba_resize_premultiplies_in_place_only_in_a_frame_it_owns():
+    """The fast RGBA path multiplies alpha in the source's own pixels when
+    the caller owns them, else in a copy; either way the result is exactly
+    what fast_image_resize's own premultiplying resize gives (alpha-weighted:
+    the transparent black here must not darken the colours beside it). A
+    frame that is not owned, or a read-only one (pixels in someone else's
+    buffer), is left as it was."""
+    from imgworker import imaging
+
+    resizer = imaging._fast_resizer()
+    assert resizer is not None
+    src = _photo_like((900, 500))
+    alpha = Image.linear_gradient("L").resize((900, 500))
+    alpha.paste(0, (0, 0, 300, 500))  # fully transparent...
+    src.putalpha(alpha)
+    src.paste((0, 0, 0, 0), (0, 0, 300, 500))  # ...and black
+    before = src.tobytes()
+    want = Image.new("RGBA", (300, 167))
+    resizer().resize_pil(src, want, imaging._FAST_OPTIONS)  # premultiplies into a copy of its own
+
+    not_owned = imaging._resize(src, (300, 167))
+    assert src.mode == "RGBA" and src.tobytes() == before
+    buffer = bytearray(before)
+    read_only = Image.frombuffer("RGBA", src.size, buffer, "raw", "RGBA", 0, 1)
+    assert read_only.readonly
+    from_read_only = imaging._resize(read_only, (300, 167), owned=True)
+    assert bytes(buffer) == before
+    owned = imaging._resize(src, (300, 167), owned=True)
+    for out in (not_owned, from_read_only, owned):
+        assert out.mode == "RGBA" and out.size == (300, 167)
+        assert ImageChops.difference(out, want).getbbox() is None
+    assert owned.getpixel((150, 80))[3] > 0 and owned.getpixel((50, 80))[3] == 0
