@@ -24,6 +24,7 @@ OUTPUT_FORMATS = formats_mod.OUTPUT_CHOICES  # webp jpeg png [avif] original aut
 ENVIRONMENTS = ("development", "production", "test")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+SCHEDULING = ("idle", "batch", "normal")  # worker CPU policy: SCHED_IDLE, SCHED_BATCH, SCHED_OTHER
 
 
 class ConfigError(ValueError):
@@ -187,8 +188,9 @@ SETTINGS: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
     ("MEMORY_PAUSE_PERCENT", _float(0, 100), "90", "stop claiming jobs at or above this memory use"),
     ("MEMORY_RESUME_PERCENT", _float(0, 100), "80", "resume claiming below this memory use"),
     ("WORKER_MAX_RSS_MB", _int(16), "1024", "a worker above this RSS after a job is replaced; its address space is capped at 2x"),
-    ("WORKER_SCHED_BATCH", _bool, "true", "workers run under SCHED_BATCH (Linux): the API and the supervisor win "
-     "wake-ups against busy workers, which keep their full CPU share (README, Jobs)"),
+    ("WORKER_SCHEDULING", _choice(SCHEDULING), "idle",
+     "CPU scheduling policy of the workers (Linux): idle (they get only CPU time nothing else wants, so the API "
+     "answers at once while they fill the cores), batch or normal (README, Jobs)"),
     ("SHUTDOWN_TIMEOUT_MS", _int(0), "30000", "graceful-stop budget for running jobs"),
     ("TRUST_PROXY", _bool, "false", "take the client IP from X-Forwarded-For (only behind a proxy)"),
     ("LOG_LEVEL", _choice(LOG_LEVELS), "info", "debug, info, warning or error"),

@@ -37,6 +37,11 @@ from .store import Job
 
 LOG = log.get("supervisor")
 
+# Time a busy worker waits for a CPU is not counted against JOB_TIMEOUT_MS, up
+# to this many timeouts: a job on a saturated machine gets longer, but every
+# job still ends within (1 + this) x JOB_TIMEOUT_MS of wall time.
+MAX_WAIT_CREDIT = 9
+
 
 class WorkerState(str, Enum):
     STARTING = "starting"   # spawned, not yet ready
@@ -61,6 +66,8 @@ class Worker:
     writing: str | None = None          # job whose output it may be writing (removed if it dies)
     rss_mb: int = 0
     jobs_done: int = 0
+    waited_at_start: float | None = None  # its CPU wait (Processes.waited) when the job started
+    wait_credit: float = 0.0            # CPU wait during the job so far, not counted against the timeout
 
     @property
     def busy(self) -> bool:
@@ -70,13 +77,13 @@ class Worker:
 class Processes:
     """How worker processes are started, signalled and reaped: the real OS."""
 
-    def spawn(self, fd: int, max_mb: int, batch: bool = False) -> int:
+    def spawn(self, fd: int, max_mb: int, scheduling: str = "normal") -> int:
         """Start ``python -m imgworker.worker`` in its own process group with
         ``fd`` (one end of a socketpair) inherited, its address space capped
-        at ``max_mb`` and, with ``batch``, under SCHED_BATCH; return its pid."""
+        at ``max_mb``, under the CPU policy ``scheduling`` (idle, batch or
+        normal); return its pid."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imgworker.worker", str(fd), str(os.getpid()), str(max_mb),
-             "batch" if batch else "normal"],
+            [sys.executable, "-m", "imgworker.worker", str(fd), str(os.getpid()), str(max_mb), scheduling],
             pass_fds=(fd,), process_group=0, stdin=subprocess.DEVNULL,
         )
         return proc.pid
@@ -90,6 +97,16 @@ class Processes:
                 return
             except (ProcessLookupError, PermissionError):
                 continue
+
+    def waited(self, pid: int) -> float | None:
+        """Seconds ``pid``'s main thread has spent runnable but waiting for a
+        CPU (the second field of /proc/PID/schedstat, in ns); None where the
+        kernel does not tell (another OS, schedstats compiled out)."""
+        try:
+            with open(f"/proc/{pid}/schedstat") as fh:
+                return int(fh.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
 
     def reap(self) -> Iterator[tuple[int, int]]:
         """(pid, wait status) of every child that has exited, without blocking."""
@@ -113,7 +130,7 @@ class Pool:
         self.processes = processes
         self.clock = clock
         self.max_mb = max_mb
-        self.batch = False  # start workers under SCHED_BATCH (WORKER_SCHED_BATCH)
+        self.scheduling = "normal"  # the workers' CPU policy (WORKER_SCHEDULING)
         self.workers: dict[int, Worker] = {}
 
     # -- views -------------------------------------------------------------------------
@@ -145,7 +162,7 @@ class Pool:
         """Start a worker in ``slot`` (STARTING). None if the OS refused."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = self.processes.spawn(child.fileno(), self.max_mb, self.batch)
+            pid = self.processes.spawn(child.fileno(), self.max_mb, self.scheduling)
         except OSError as exc:
             LOG.error("Could not start a worker: %s", exc)
             parent.close()
@@ -164,6 +181,27 @@ class Pool:
 
     def assign(self, w: Worker, job: Job) -> None:
         w.state, w.job, w.writing, w.job_started = WorkerState.BUSY, job, job.id, self.clock()
+        w.waited_at_start, w.wait_credit = self.processes.waited(w.pid), 0.0
+
+    def overdue(self, w: Worker, job_timeout_s: float) -> bool:
+        """Whether ``w``'s job has run for ``job_timeout_s``: the time since
+        it started, less the time the worker sat runnable waiting for a CPU
+        (a worker under SCHED_IDLE waits while other work fills the cores;
+        a job is not stuck for that). The credit is capped at
+        MAX_WAIT_CREDIT timeouts, so a job is killed after (1 + that) x
+        JOB_TIMEOUT_MS of wall time whatever the machine does. A worker
+        stuck in C code burns CPU or sleeps, neither of which is credited,
+        and a stopped one (SIGSTOP) is not runnable: both die on time."""
+        if self.clock() < self.job_deadline(w, job_timeout_s):
+            return False
+        waited = self.processes.waited(w.pid) if w.waited_at_start is not None else None
+        if waited is not None:
+            w.wait_credit = min(max(0.0, waited - w.waited_at_start), MAX_WAIT_CREDIT * job_timeout_s)
+        return self.clock() >= self.job_deadline(w, job_timeout_s)
+
+    @staticmethod
+    def job_deadline(w: Worker, job_timeout_s: float) -> float:
+        return w.job_started + job_timeout_s + w.wait_credit
 
     def finish(self, w: Worker) -> Job | None:
         """The worker answered for its job: back to IDLE; returns the job."""
@@ -229,6 +267,6 @@ class Pool:
 
     def next_deadline(self, job_timeout_s: float) -> float | None:
         """The earliest job timeout or kill deadline, monotonic."""
-        times = [w.job_started + job_timeout_s for w in self.in_state(WorkerState.BUSY)]
+        times = [self.job_deadline(w, job_timeout_s) for w in self.in_state(WorkerState.BUSY)]
         times += [w.kill_at for w in self.in_state(WorkerState.STOPPING) if w.kill_at is not None and not w.killed]
         return min(times, default=None)

@@ -155,7 +155,7 @@ class Supervisor:
         self.policy = RetryPolicy(cfg.retry_base_delay_ms, cfg.retry_max_delay_ms, cfg.max_attempts)
         self.lease_ms = cfg.job_timeout_ms + LEASE_GRACE_MS
         self.pool.max_mb = worker_memory_cap_mb(cfg.worker_max_rss_mb)
-        self.pool.batch = cfg.worker_sched_batch
+        self.pool.scheduling = cfg.worker_scheduling
         log.setup(cfg.log_level)
 
     # -- life cycle ------------------------------------------------------------------
@@ -389,14 +389,20 @@ class Supervisor:
         ready within BOOT_TIMEOUT_S. Their SIGKILL follows in Pool.escalate."""
         now = self.clock()
         timeout_s = self.cfg.job_timeout_ms / 1000
-        late = [w for w in self.pool.in_state(WorkerState.BUSY) if now - w.job_started >= timeout_s]
+        late = []
+        for w in self.pool.in_state(WorkerState.BUSY):
+            credit = w.wait_credit
+            if self.pool.overdue(w, timeout_s):
+                late.append(w)
+            elif w.wait_credit > credit:
+                self.extend_lease(w)
         if late:
             # After a stall of ours (SIGSTOP, a long database wait) a worker
             # may have finished long ago: its answer waiting in the socket
             # wins over the timeout (issue 15 item 14).
             self.read_waiting(late)
-        for w in self.pool.in_state(WorkerState.BUSY):
-            if now - w.job_started >= timeout_s:
+        for w in late:
+            if w.busy and self.pool.overdue(w, timeout_s):  # (an answer read above may have brought a new job)
                 self.counters.timeouts += 1
                 LOG.warning("Job timed out after %dms: killing worker %d", self.cfg.job_timeout_ms, w.pid,
                             extra={"job": w.job.id})
@@ -414,6 +420,17 @@ class Supervisor:
             if now - w.spawned_at >= BOOT_TIMEOUT_S:
                 LOG.error("Worker %d not ready after %gs: killing it", w.pid, BOOT_TIMEOUT_S)
                 self.pool.stop(w, "not ready in time", KILL_GRACE_S, signal.SIGTERM)
+
+    def extend_lease(self, w: Worker) -> None:
+        """The job's worker waited for a CPU, so the job may run that much
+        past the lease taken at its claim: move the lease by the same wait,
+        or another node's recovery would take back a job still running."""
+        if w.job.lease_expires_at is None:
+            return
+        try:
+            self.store.extend(w.job.id, self.id, w.job.lease_expires_at + round(w.wait_credit * 1000))
+        except db.StoreUnavailable as exc:  # at worst it expires and the job is run again
+            LOG.warning("Could not extend a job's lease: %s", exc, extra={"job": w.job.id})
 
     def recycle(self, w: Worker) -> None:
         LOG.warning("Worker %d uses %d MB (limit %d MB): replacing it", w.pid, w.rss_mb, self.cfg.worker_max_rss_mb)

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from imgworker import pool as pool_mod
 from imgworker import supervisor as sup_mod
 from imgworker.model import JobStatus, Outcome
 from imgworker.pool import Processes, WorkerState
@@ -41,6 +42,7 @@ class FakeWorker:
         self.ignores_term = False   # a SIGSTOPped, frozen or stubborn process
         self.ignores_eof = False
         self.status = None          # wait status once exited
+        self.waited = 0.0           # seconds spent runnable, waiting for a CPU (Processes.waited)
 
     def ready(self):
         send(self.sock, {"ready": self.pid})
@@ -82,7 +84,7 @@ class FakeProcesses(Processes):
         self.on_spawn = lambda w: None
         self._next = 40000
 
-    def spawn(self, fd, max_mb, batch=False):
+    def spawn(self, fd, max_mb, scheduling="normal"):
         self._next += 1
         w = FakeWorker(self, self._next, socket.socket(fileno=os.dup(fd)))
         self.workers[w.pid] = w
@@ -95,6 +97,9 @@ class FakeProcesses(Processes):
         w = self.workers[pid]
         if sig == signal.SIGKILL or (sig == signal.SIGTERM and not w.ignores_term):
             w.exit(sig)  # wait status of a death by signal
+
+    def waited(self, pid):
+        return self.workers[pid].waited
 
     def reap(self):
         for w in self.workers.values():  # a real worker exits when its socket reaches EOF
@@ -176,6 +181,48 @@ def test_stuck_worker_is_sigkilled_after_the_grace_and_keeps_its_slot_until_reap
     (new,) = live(procs)
     assert new.pid != w.pid and list(sup.pool.workers) == [new.pid]
     assert sup.counters.timeouts == 1 and sup.counters.crashes == 0
+
+
+def test_time_a_worker_waits_for_a_cpu_is_not_counted_against_the_timeout(rig):
+    """A worker under SCHED_IDLE waits while other work fills the cores: that
+    wait extends its job's deadline (and the job's lease, so no other node
+    takes it back), while running or sleeping time counts as before."""
+    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
+    ready_all(sup, procs)
+    (job_id,) = submit(sup)
+    settle(sup)
+    (w,) = live(procs)
+    assert w.take_job()["id"] == job_id
+    lease = sup.store.get(job_id).lease_expires_at
+    w.waited = 0.6  # of the first second, 0.6 s waiting for a CPU
+    clock.advance(1.0)
+    sup.step()
+    assert procs.signals == [] and sup.store.get(job_id).status == JobStatus.PROCESSING
+    assert sup.store.get(job_id).lease_expires_at == lease + 600  # moved by the wait
+    clock.advance(0.5)
+    sup.step()
+    assert procs.signals == []
+    clock.advance(0.1)  # 1.6 s in, 0.6 s of it waiting: the job has run for its 1 s
+    sup.step()
+    assert procs.signals == [(w.pid, signal.SIGTERM)]
+    assert sup.store.get(job_id).error_code == "TIMEOUT"
+
+
+def test_the_wait_credit_is_capped(rig):
+    """A job starved forever still ends: after (1 + MAX_WAIT_CREDIT) timeouts of wall time."""
+    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
+    ready_all(sup, procs)
+    (job_id,) = submit(sup)
+    settle(sup)
+    (w,) = live(procs)
+    w.take_job()
+    w.waited = 1e6
+    clock.advance(1 + pool_mod.MAX_WAIT_CREDIT - 0.01)
+    sup.step()
+    assert procs.signals == []
+    clock.advance(0.01)
+    sup.step()
+    assert procs.signals == [(w.pid, signal.SIGTERM)]
 
 
 def test_a_worker_that_dies_on_its_own_is_replaced_and_its_job_retried(rig):

@@ -109,6 +109,19 @@ def test_lease_expiry_returns_job_and_counts_attempt(store, add_jobs):
     assert store.recover([], POLICY, now=job.run_at + 200) == [Recovered(job_id, JobStatus.FAILED)]
 
 
+def test_an_extended_lease_is_not_recovered_and_only_its_holder_extends_it(store, add_jobs):
+    (job_id,) = add_jobs(1)
+    t = now_ms()
+    store.claim("s", 100, now=t)
+    assert store.extend(job_id, "other", t + 500) is False
+    assert store.extend(job_id, "s", t + 500) is True
+    assert store.extend(job_id, "s", t + 50) is True  # never moves it earlier
+    assert store.get(job_id).lease_expires_at == t + 500
+    assert store.recover([], POLICY, now=t + 400) == []
+    assert store.recover([], POLICY, now=t + 501) == [Recovered(job_id, JobStatus.RETRYING)]
+    assert store.extend(job_id, "s", t + 900) is False  # no longer held
+
+
 def test_dead_owner_recovered_before_lease_ends(store, add_jobs):
     a, b = add_jobs(2)
     store.claim("dead", 10**9)

@@ -8,9 +8,13 @@ import signal
 import time
 
 import psutil
+import pytest
+from PIL import Image, features
 
 from helpers import image_bytes
 from conftest import wait_for
+from imgworker.imaging import process
+from imgworker.limits import Limits
 
 PHOTO = image_bytes("JPEG", (1600, 1200), quality=90)
 
@@ -290,26 +294,59 @@ def _policies(pid):
     return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-def test_workers_run_under_sched_batch_and_the_supervisor_does_not(service):
-    """WORKER_SCHED_BATCH (default on): every thread of every worker, a
-    replacement included, runs under SCHED_BATCH so that the API and the
-    supervisor win wake-ups; the supervisor stays SCHED_OTHER and the jobs flow."""
+def test_workers_run_under_sched_idle_and_the_supervisor_does_not(service):
+    """WORKER_SCHEDULING=idle (the default): every thread of every worker, a
+    replacement included, runs under SCHED_IDLE so that the API and the
+    supervisor preempt them at once; the supervisor stays SCHED_OTHER and
+    the jobs flow."""
     svc = service(MAX_CONCURRENT_JOBS=2)
     pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 2 else None, 15)
     ids = [svc.submit(PHOTO, name=f"p{i}.jpg") for i in range(3)]
     wait_for(lambda: all_done(svc, ids), 30, message="jobs completed")
     for w in pool:
-        assert _policies(w["pid"]) == {os.SCHED_BATCH}, w
+        assert _policies(w["pid"]) == {os.SCHED_IDLE}, w
     assert _policies(svc.proc.pid) == {os.SCHED_OTHER}
     os.kill(pool[0]["pid"], signal.SIGKILL)
     new = wait_for(lambda: [w["pid"] for w in svc.state()["pool"] if w["pid"] not in {p["pid"] for p in pool}
                             and w["state"] == "idle"], 15, message="a replacement worker")
-    assert _policies(new[0]) == {os.SCHED_BATCH}
+    assert _policies(new[0]) == {os.SCHED_IDLE}
 
 
-def test_workers_keep_the_default_policy_when_asked(service):
-    svc = service(MAX_CONCURRENT_JOBS=1, WORKER_SCHED_BATCH="false")
+@pytest.mark.parametrize("setting, policy", [("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
+def test_workers_take_the_policy_asked_for(service, setting, policy):
+    svc = service(MAX_CONCURRENT_JOBS=1, WORKER_SCHEDULING=setting)
     pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 1 else None, 15)
     job = svc.submit(PHOTO)
     wait_for(lambda: all_done(svc, [job]), 30)
-    assert _policies(pool[0]["pid"]) == {os.SCHED_OTHER}
+    assert _policies(pool[0]["pid"]) == {policy}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.exists("/proc/self/schedstat")
+                    or not features.check("avif"), reason="needs Linux CPU affinity, schedstat and AVIF")
+def test_workers_sharing_one_cpu_are_not_killed_for_the_time_they_wait(service, tmp_path):
+    """Two workers pinned to one CPU each get half of it, so each job takes
+    about twice its CPU time of wall time, past JOB_TIMEOUT_MS; the time a
+    worker waits for the CPU is not the job's (a SCHED_IDLE worker waits
+    whenever other work fills the cores), so both complete on their first
+    attempt. The timeout is set from what the job costs here and now."""
+    noise = Image.frombytes("RGB", (800, 600), os.urandom(800 * 600 * 3)).resize((2400, 1800))
+    src = tmp_path / "noise.jpg"
+    noise.save(src, quality=95)
+    costs = []
+    for _ in range(2):
+        t0 = time.process_time()
+        process(src, tmp_path, "calibrate", {"format": "avif"}, Limits())
+        costs.append(time.process_time() - t0)
+    timeout_ms = max(400, round(min(costs) * 1000 * 1.6))
+    svc = service(MAX_CONCURRENT_JOBS=2, JOB_TIMEOUT_MS=timeout_ms)
+    pool = wait_for(lambda: svc.state()["pool"] if svc.state().get("workers", {}).get("alive") == 2 else None, 15)
+    for w in pool:
+        os.sched_setaffinity(w["pid"], {0})
+    jobs = [svc.submit(src.read_bytes(), name=f"n{i}.jpg", format="avif") for i in range(2)]
+    wait_for(lambda: all(svc.store.get(j).status in ("completed", "failed", "retrying") for j in jobs), 60,
+             message="both jobs settled")
+    rows = [svc.store.get(j) for j in jobs]
+    assert [(r.status, r.attempts, r.error_code) for r in rows] == [("completed", 1, None)] * 2, svc.log()
+    # they really shared the CPU: at least one ran past the timeout on the wall clock
+    assert max(r.completed_at - r.started_at for r in rows) > timeout_ms
+    assert "timed out" not in svc.log()

@@ -144,7 +144,7 @@ def allowed_syscalls(unit: str) -> set[str]:
 
 
 def test_worker_unit_lets_a_worker_make_its_own_calls():
-    """The pool's workers move themselves to SCHED_BATCH (sched_setscheduler,
+    """The pool's workers move themselves to SCHED_IDLE (sched_setscheduler,
     in @resources, which the unit otherwise denies: a denied call is SIGSYS)
     and cap their address space (Python's setrlimit is glibc's prlimit64)."""
     if not shutil.which("systemd-analyze"):

@@ -314,6 +314,20 @@ class PgStore(ThreadConnections):
 
         return self._run(op)
 
+    def extend(self, job_id: str, owner: str, expires_at: int) -> bool:
+        """As JobStore.extend (idempotent: a replay after a lost reply is harmless)."""
+
+        def op(c: Any, _replay: bool) -> bool:
+            with pgdb.write(c):
+                cur = c.execute(
+                    "UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, %s)"
+                    " WHERE id = %s AND status = 'processing' AND lease_owner = %s",
+                    (expires_at, job_id, owner),
+                )
+                return cur.rowcount == 1
+
+        return self._run(op)
+
     def recover(self, dead_owners: Iterable[str], policy: RetryPolicy,
                 now: int | None = None) -> list[Recovered]:
         """Take back ``processing`` jobs whose lease expired (the cross-host
