@@ -19,6 +19,11 @@ machine is shared, wall time is noise):
       image is (whole folder - empty folder) / images, i.e. without node's
       start-up. Also both whole commands as a user runs them: `imgworker
       process --local` and `node sharp_dir.js` on the same folder.
+The same figures for the big inputs alone (longest side >= 3640 px, the size
+of the wallpapers issue 11's external test uses: 3640-3840 px JPEG and RGBA
+PNG), with each one's CPU for imgworker, naive Pillow and sharp (sharp per
+file: bench/sharp_files.js, process.cpuUsage() around each file after an
+uncounted warm-up, in the same rounds).
 Quality: SSIM (luma, 11x11 Gaussian, sigma 1.5) of every output against a
 float reference: full decode, orient, ICC to sRGB, flatten on white, float
 LANCZOS to the output's size. Finally the peak RSS of a fresh interpreter
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import resource
 import shutil
@@ -50,6 +56,7 @@ from imgworker.imaging import Limits, process  # noqa: E402
 PEERS = Path(os.environ.get("PEERS_DIR", "/work/shared/peers"))
 GEN = HERE / ".gen"
 BOX = (1024, 1024)
+BIG_SIDE = 3640  # "big inputs": longest side at least this (issue 11's external test: 3640-3840 px)
 QUALITY = 80
 EXT = {"webp": ".webp", "jpeg": ".jpg"}
 
@@ -116,6 +123,11 @@ def run_naive(src: Path, out_dir: Path, fmt: str, n: int) -> Path:
                 im = im.convert("RGBA" if "A" in im.mode else "RGB")
             im.save(out, "WEBP", quality=QUALITY)
     return out
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
 
 
 def cpu() -> float:
@@ -255,12 +267,14 @@ def main() -> None:
     empty = work / "empty"
     empty.mkdir()
     sharp = install_sharp()
+    big_inputs = [f for f in files if max(_size(f)) >= BIG_SIDE]
     print(f"{len(files)} images (mate-backgrounds + {len(generated())} generated), box {BOX[0]}x{BOX[1]}, "
           f"q{QUALITY}, {args.rounds} interleaved rounds, CPU seconds")
     runners = {"imgworker": run_imgworker, "naive Pillow": run_naive}
     for fmt in args.formats.split(","):
         cpu_s: dict[str, list[float]] = {k: [] for k in (*runners, "sharp", "imgworker cmd", "sharp cmd")}
         outs: dict[str, dict[Path, Path]] = {k: {} for k in (*runners, "sharp")}
+        per_file: dict[str, dict[Path, list[float]]] = {k: {f: [] for f in big_inputs} for k in (*runners, "sharp")}
         n = 0
         for rnd in range(args.rounds):
             order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
@@ -272,7 +286,10 @@ def main() -> None:
                     n += 1
                     t0 = cpu()
                     outs[name][f] = runners[name](folder / f.name, out_dir, fmt, n)
-                    total[name] += cpu() - t0
+                    took = cpu() - t0
+                    total[name] += took
+                    if f in per_file[name]:
+                        per_file[name][f].append(took)
             for name in runners:
                 cpu_s[name].append(total[name] / len(files))
             if sharp:
@@ -285,6 +302,13 @@ def main() -> None:
                 cpu_s["sharp cmd"].append(whole)
                 for f in files:
                     outs["sharp"][f] = out_dir / (f.stem + EXT[fmt])
+                if big_inputs:
+                    each = subprocess.run(["node", str(HERE / "sharp_files.js"), str(work / f"sharp_each_{fmt}"), fmt,
+                                           *(str(folder / f.name) for f in big_inputs)],
+                                          env=env, check=True, capture_output=True, text=True)
+                    cpu_ms = json.loads(each.stdout)
+                    for f in big_inputs:
+                        per_file["sharp"][f].append(cpu_ms[str(folder / f.name)] / 1000)
             cmd_out = work / f"cmd_{fmt}"
             cpu_s["imgworker cmd"].append(child(
                 [sys.executable, "-m", "imgworker", "process", "--local", "--format", fmt, "--quality", str(QUALITY),
@@ -292,12 +316,10 @@ def main() -> None:
         mean = {k: statistics.fmean(v) for k, v in cpu_s.items() if v}
         print(f"\n[{fmt}] CPU per image (mean of {args.rounds} rounds: "
               + "; ".join(f"{k} {', '.join(f'{x:.3f}' for x in v)}" for k, v in cpu_s.items() if v and "cmd" not in k) + ")")
-        quality = {name: [score(f, o) for f, o in got.items()] for name, got in outs.items() if got}
+        scores = {name: {f: score(f, o) for f, o in got.items()} for name, got in outs.items() if got}
+        quality = {name: list(by_file.values()) for name, by_file in scores.items()}
         for name, q in quality.items():
-            line = f"  {name:13s} {mean[name]:.3f} s/image   SSIM mean {statistics.fmean(q):.4f} min {min(q):.4f}"
-            if name != "imgworker":
-                line += f"   imgworker's speed = {mean[name] / mean['imgworker']:.2f}x {name}'s"
-            print(line)
+            print(_ratio_line(name, mean, q))
         if args.detail:
             for i, f in enumerate(files):
                 print(f"    {f.name:40s} " + "  ".join(f"{name} {quality[name][i]:.4f}" for name in quality))
@@ -306,10 +328,37 @@ def main() -> None:
                   f"node sharp_dir.js {mean['sharp cmd']:.2f} s -> {mean['sharp cmd'] / mean['imgworker cmd']:.2f}x sharp's speed")
         else:
             print("  sharp: skipped")
+        if big_inputs:
+            print_big_inputs(big_inputs, per_file, scores)
     big = next(p for p in files if p.name == "Elephants_5640x3172.jpg")
     print("\npeak RSS of a fresh interpreter on a 5640x3172 JPEG: "
           + ", ".join(f"{fmt} {peak_rss_mb(big, fmt):.0f} MiB" for fmt in args.formats.split(",")))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _ratio_line(name: str, mean: dict[str, float], q: list[float], indent: str = "  ") -> str:
+    line = f"{indent}{name:13s} {mean[name]:.3f} s/image   SSIM mean {statistics.fmean(q):.4f} min {min(q):.4f}"
+    if name != "imgworker":
+        line += f"   imgworker's speed = {mean[name] / mean['imgworker']:.2f}x {name}'s"
+    return line
+
+
+def print_big_inputs(big_inputs: list[Path], per_file: dict[str, dict[Path, list[float]]],
+                     scores: dict[str, dict[Path, float]]) -> None:
+    """The main figures again for the big inputs alone, then each one's CPU
+    (mean over the rounds) and imgworker's speed against sharp's on it."""
+    names = [name for name in per_file if all(per_file[name][f] for f in big_inputs) and name in scores]
+    each = {name: {f: statistics.fmean(per_file[name][f]) for f in big_inputs} for name in names}
+    mean = {name: statistics.fmean(each[name].values()) for name in names}
+    sharp_note = "; sharp per file by process.cpuUsage()" if "sharp" in names else "; sharp: skipped"
+    print(f"  big inputs, longest side >= {BIG_SIDE} px ({len(big_inputs)} images{sharp_note}):")
+    for name in names:
+        print(_ratio_line(name, mean, [scores[name][f] for f in big_inputs], indent="    "))
+    for f in big_inputs:
+        line = f"    {f.name:28s} " + "  ".join(f"{name} {each[name][f]:.3f}" for name in names) + " s"
+        if "sharp" in names:
+            line += f"   imgworker's speed = {each['sharp'][f] / each['imgworker'][f]:.2f}x sharp's"
+        print(line)
 
 
 def variants(files: list[Path], args: argparse.Namespace) -> None:
