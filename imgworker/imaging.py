@@ -502,7 +502,7 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
     if not animate:
         if oriented_box != im.size and probe_.dct_scalable:
             im.draft(None, (round(oriented_box[0] * _DRAFT_GAP), round(oriented_box[1] * _DRAFT_GAP)))
-        im.load()
+        im = _load_still(im)
         # owned: a still is decoded once, and only this call reads its pixels
         return [_prepare_frame(im, oriented_box, probe_.orientation, owned=True)], [], 0
     frames, durations = [], []
@@ -515,6 +515,18 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
         # the iterator reuses one image object: keep a copy only if nothing made a new one
         frames.append(prepared.copy() if prepared is frame else prepared)
     return frames, durations, int(im.info.get("loop", 0) or 0)
+
+
+def _load_still(im: Image.Image) -> Image.Image:
+    """``im`` loaded, as im.load() does; a PNG's pixels come from libspng
+    where it gives Pillow's pixels faster (imgworker.spng, which may return a
+    fresh Pillow decode of the file instead of ``im``: use the result)."""
+    if im.format == "PNG":
+        from . import spng  # at the first PNG job: other workers never load ctypes and libspng
+
+        return spng.load(im)
+    im.load()
+    return im
 
 
 def output_format(requested: str, info: Probe, accept: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -113,6 +114,28 @@ def corpus():
     if not CORPUS.is_dir():
         pytest.skip("shared/corpus is absent")
     return CORPUS
+
+
+@pytest.fixture
+def photo_png():
+    """PNG bytes of a photo-like picture (smooth colour noise: every PNG
+    filter type gets used) in ``mode``; RGBA and LA get a real alpha ramp
+    (0 to 255, transparent to opaque). ``save`` goes to Pillow's encoder."""
+    def make(mode="RGB", size=(301, 203), **save):
+        from PIL import Image
+
+        noise = [Image.effect_noise((size[0] // 8 + 1, size[1] // 8 + 1), 80 + 20 * i).resize(size) for i in range(3)]
+        im = Image.merge("RGB", noise)
+        if mode == "P":
+            im = im.quantize(200)
+        elif mode != "RGB":
+            im = im.convert(mode[0] if mode in ("L", "LA") else "RGB")
+        if mode in ("RGBA", "LA"):
+            im.putalpha(Image.linear_gradient("L").resize(size))
+        buf = io.BytesIO()
+        im.save(buf, "PNG", **save)
+        return buf.getvalue()
+    return make
 
 
 PYTHON = sys.executable

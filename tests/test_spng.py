@@ -1,0 +1,294 @@
+"""libspng's PNG decode (imgworker.spng): Pillow's pixels, Pillow's errors,
+Pillow when libspng is missing, a clean failure at the worker's memory cap."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+from PIL import Image
+
+from imgworker import spng
+from imgworker.errors import ImageError
+from imgworker.imaging import Limits, process
+
+from helpers import image_bytes
+
+
+def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    out, i = [], 8
+    while i < len(png):
+        length, = struct.unpack(">I", png[i:i + 4])
+        out.append((png[i + 4:i + 8], png[i + 8:i + 8 + length]))
+        i += 12 + length
+    return out
+
+
+def build(parts) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data)) for cid, data in parts)
+
+
+def interlaced(png: bytes) -> bytes:
+    """The same picture as an Adam7-interlaced PNG (Pillow cannot write
+    one): every pass's rows unfiltered (filter type 0)."""
+    im = Image.open(io.BytesIO(png))
+    w, h = im.size
+    depth = {"RGB": 3, "RGBA": 4}[im.mode]
+    raw = im.tobytes()
+    data = bytearray()
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        for y in range(y0, h, dy):
+            row = raw[y * w * depth:(y + 1) * w * depth]
+            data.append(0)
+            for x in range(x0, w, dx):
+                data += row[x * depth:(x + 1) * depth]
+    parts = chunks(png)
+    ihdr = parts[0][1][:12] + b"\x01"
+    return build([(b"IHDR", ihdr), (b"IDAT", zlib.compress(bytes(data))), (b"IEND", b"")])
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts the pictures libspng decodes."""
+    lib = spng._get_library()
+    assert lib is not None, "pyspng is a dependency: libspng must load and pass its self-check"
+    calls = []
+    real = type(lib).decode
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lib), "decode", counted)
+    return calls
+
+
+def pillow_only(monkeypatch):
+    monkeypatch.setattr(spng, "_library", [None])
+
+
+def loaded(path, fast: bool):
+    """(mode, pixels, info) of ``path`` decoded by spng.load (fast) or Pillow."""
+    im = Image.open(path, formats=("PNG",))
+    got = spng.load(im) if fast else (im.load(), im)[1]
+    return got.mode, got.tobytes(), dict(got.info)
+
+
+@pytest.mark.parametrize("mode, save", [("RGB", {}), ("RGBA", {}), ("RGB", {"transparency": (10, 20, 30)}),
+                                        ("RGBA", {"compress_level": 9})])
+def test_libspng_gives_pillows_pixels_mode_and_info(tmp_path, photo_png, decodes, mode, save):
+    """An RGBA PNG with real transparency (alpha 0 to 255), an RGB one with a
+    tRNS colour key (kept in info["transparency"], as Pillow does): libspng
+    decodes them, to exactly Pillow's pixels."""
+    path = tmp_path / "in.png"
+    path.write_bytes(photo_png(mode, **save))
+    assert loaded(path, fast=True) == loaded(path, fast=False)
+    assert decodes == [str(path)]
+
+
+@pytest.mark.parametrize("case", ["L", "LA", "P", "P+tRNS", "RGB 16-bit", "RGB interlaced", "RGBA interlaced",
+                                  "APNG"])
+def test_other_pngs_are_pillows(tmp_path, photo_png, decodes, case):
+    """Grey, grey + alpha, palette and interlaced PNGs decode faster in
+    Pillow (measured); 16-bit and animated ones are Pillow's by design."""
+    if case == "P+tRNS":
+        data = photo_png("P", transparency=bytes(range(0, 200, 2)))
+    elif case == "RGB 16-bit":
+        buf = io.BytesIO()
+        Image.new("I;16", (40, 30), 40000).save(buf, "PNG")
+        parts = chunks(buf.getvalue())  # make it RGB 16-bit: colour type 2, 6 bytes a pixel
+        ihdr = parts[0][1][:9] + b"\x02" + parts[0][1][10:]
+        raw = b"".join(b"\0" + b"\x9c\x40\x10\x00\xff\xff" * 40 for _ in range(30))
+        data = build([(b"IHDR", ihdr), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")])
+    elif case.endswith("interlaced"):
+        data = interlaced(photo_png(case.split()[0]))
+    elif case == "APNG":
+        frames = [Image.new("RGBA", (40, 30), color) for color in ((255, 0, 0, 255), (0, 0, 255, 128))]
+        buf = io.BytesIO()
+        frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+        data = buf.getvalue()
+    else:
+        data = photo_png(case)
+    path = tmp_path / "in.png"
+    path.write_bytes(data)
+    assert loaded(path, fast=True) == loaded(path, fast=False)
+    assert decodes == []
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "png"])
+def test_a_job_gives_the_same_bytes_with_or_without_libspng(tmp_path, photo_png, monkeypatch, decodes, fmt):
+    """The whole pipeline (fit, an RGBA picture with real transparency
+    composited on white for JPEG) gives byte-identical output either way."""
+    src = tmp_path / "in.png"
+    src.write_bytes(photo_png("RGBA", size=(640, 400)))
+    options = {"format": fmt, "maxWidth": 320}
+    out = {}
+    for fast in (True, False):
+        if not fast:
+            pillow_only(monkeypatch)
+        (tmp_path / str(fast)).mkdir()
+        outcome = process(src, tmp_path / str(fast), "j", options, Limits())
+        out[fast] = (outcome.output_width, outcome.output_height,
+                     (tmp_path / str(fast) / f"processed_j.{'jpg' if fmt == 'jpeg' else fmt}").read_bytes())
+    assert out[True] == out[False]
+    assert out[True][:2] == (320, 200) and decodes == [str(src)]
+
+
+def _corrupt(kind: str, png: bytes) -> bytes:
+    parts = chunks(png)
+    head = [p for p in parts if p[0] not in (b"IDAT", b"IEND")]
+    idat = b"".join(d for c, d in parts if c == b"IDAT")
+    whole = build(head + [(b"IDAT", idat), (b"IEND", b"")])
+    if kind == "cut inside the image data":  # the probe refuses it before any decoder
+        return whole[:len(whole) // 2]
+    if kind == "image data ends early":  # the chunks are whole, the pixels are not
+        return build(head + [(b"IDAT", zlib.compress(zlib.decompress(idat)[:-5000])), (b"IEND", b"")])
+    if kind == "cut in a chunk after the image data":  # the pixels are complete; Pillow reads on and fails
+        return build(head + [(b"IDAT", idat), (b"tEXt", b"k\0" + b"v" * 300), (b"IEND", b"")])[:-150]
+    if kind == "cut in a second image data chunk":  # the corpus's truncated_end_chunk.png
+        return build(head + [(b"IDAT", idat)]) + struct.pack(">I", 30000) + b"IDAT"
+    if kind == "bad zlib checksum":
+        return build(head + [(b"IDAT", idat[:-4] + bytes(b ^ 0xFF for b in idat[-4:])), (b"IEND", b"")])
+    if kind == "bad filter type":
+        raw = bytearray(zlib.decompress(idat))
+        raw[0] = 9
+        return build(head + [(b"IDAT", zlib.compress(bytes(raw))), (b"IEND", b"")])
+    if kind == "bad image data CRC":  # Pillow ignores it, so does the result
+        i = whole.index(b"IDAT") + 4 + len(idat)
+        return whole[:i] + b"\0\0\0\0" + whole[i + 4:]
+    if kind == "no IEND":  # Pillow accepts it, so does the result
+        return build(head + [(b"IDAT", idat)])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, code", [
+    ("cut inside the image data", "INVALID_IMAGE"), ("image data ends early", "INVALID_IMAGE"),
+    ("cut in a chunk after the image data", "INVALID_IMAGE"),
+    ("cut in a second image data chunk", "INVALID_IMAGE"), ("bad zlib checksum", "INVALID_IMAGE"),
+    ("bad filter type", "INVALID_IMAGE"), ("bad image data CRC", None), ("no IEND", None)])
+def test_a_broken_png_has_pillows_outcome(tmp_path, photo_png, monkeypatch, decodes, kind, code):
+    """libspng is laxer than Pillow on some broken files (it stops reading
+    when the pixels are complete) and stricter on others; either way the job
+    ends as it does with Pillow alone: the same error code, or the same bytes."""
+    src = tmp_path / "in.png"
+    src.write_bytes(_corrupt(kind, photo_png("RGBA")))
+
+    def outcome():
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        try:
+            process(src, out, "j", {"format": "png"}, Limits())
+        except ImageError as exc:
+            return exc.code
+        return (out / "processed_j.png").read_bytes()
+
+    fast = outcome()
+    assert bool(decodes) == (kind != "cut inside the image data")
+    pillow_only(monkeypatch)
+    assert fast == outcome()
+    assert fast == code if code else isinstance(fast, bytes)
+
+
+def test_without_pyspng_pillow_decodes(tmp_path, photo_png, monkeypatch):
+    """pyspng not installed (or not importable): Pillow decodes every PNG."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyspng" else real(name, *a))
+    monkeypatch.setattr(spng, "_library", [])
+    assert spng._get_library() is None
+    src = tmp_path / "in.png"
+    src.write_bytes(photo_png("RGBA"))
+    (tmp_path / "out").mkdir()
+    assert process(src, tmp_path / "out", "j", {"format": "webp"}, Limits()).output_width == 301
+    assert loaded(src, fast=True) == loaded(src, fast=False)
+
+
+def test_a_libspng_that_disagrees_with_pillow_is_not_used(monkeypatch):
+    """The self-check compares libspng's pixels with Pillow's: a build that
+    decodes differently (another ABI, a bug) leaves every PNG to Pillow."""
+    real = spng._Library.decode
+
+    def off_by_one(self, *args):
+        pixels = real(self, *args)
+        pixels[0] ^= 1
+        return pixels
+
+    monkeypatch.setattr(spng._Library, "decode", off_by_one)
+    assert spng._checked_library() is None
+
+
+_DECODE_UNDER_A_CAP = r"""
+import resource, sys
+from imgworker import imaging, spng
+from imgworker.errors import ImageError
+from imgworker.limits import Limits
+
+assert spng._get_library() is not None
+real_load, headroom = spng.load, [0]
+UNCAPPED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+
+def capped_load(im):
+    # the cap falls just before the decode and stays while a failure is handled
+    with open("/proc/self/statm") as fh:
+        used = int(fh.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom[0] * 2**20, resource.RLIM_INFINITY))
+    return real_load(im)
+
+
+spng.load = capped_load
+for headroom[0] in range(1, 41, 3):
+    resource.setrlimit(resource.RLIMIT_AS, UNCAPPED)
+    try:
+        imaging.process(sys.argv[1], sys.argv[2], "j", {"format": "jpeg"}, Limits())
+        print("ok", flush=True)
+    except ImageError as exc:
+        print(exc.code, flush=True)
+    except BaseException as exc:
+        print(type(exc).__name__, flush=True)
+"""
+
+
+def test_libspng_out_of_memory_fails_cleanly(tmp_path, photo_png):
+    """A worker's address space is capped (WORKER_MAX_RSS_MB x 2). libspng is
+    C and reports a failed allocation; our buffer raises MemoryError: either
+    way Pillow decodes instead, and fails as IMAGE_TOO_LARGE where memory is
+    short, never aborting the worker. Decoded under caps from 1 to 40 MB above
+    what the process holds (the picture is 9.6 MB decoded): each attempt
+    works or is IMAGE_TOO_LARGE, and both happen."""
+    src = tmp_path / "in.png"
+    src.write_bytes(photo_png("RGBA", size=(2000, 1200)))
+    (tmp_path / "out").mkdir()
+    run = subprocess.run([sys.executable, "-c", _DECODE_UNDER_A_CAP, str(src), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    outcomes = run.stdout.split()
+    assert run.returncode == 0 and len(outcomes) == 14, run.stdout + run.stderr[-500:]
+    assert set(outcomes) == {"ok", "IMAGE_TOO_LARGE"}, run.stdout
+
+
+_IMPORTS = r"""
+import sys
+from imgworker import imaging
+from imgworker.limits import Limits
+for path in sys.argv[2:]:
+    imaging.process(path, sys.argv[1], "j", {"format": "webp"}, Limits())
+    print("imgworker.spng" in sys.modules, "numpy" in sys.modules)
+"""
+
+
+def test_libspng_is_loaded_at_the_first_png_job_and_numpy_never(tmp_path, photo_png):
+    """Start-up and workers that never see a PNG do not pay for it; numpy
+    (pyspng's dependency, 100 ms of CPU to import) is never imported."""
+    (tmp_path / "in.jpg").write_bytes(image_bytes("JPEG"))
+    (tmp_path / "in.png").write_bytes(photo_png("RGB"))
+    run = subprocess.run([sys.executable, "-c", _IMPORTS, str(tmp_path), str(tmp_path / "in.jpg"),
+                          str(tmp_path / "in.png")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert run.stdout.split("\n")[:2] == ["False False", "True False"]
