@@ -290,14 +290,14 @@ def _srgb_transform(icc: bytes, mode: str) -> Any:
 
 # JPEG shrink-on-load: libjpeg-turbo's DCT scaling (1/2, 1/4, 1/8) to the
 # smallest scale that still covers _DRAFT_GAP x the fitted size, then LANCZOS.
-# Measured per photo (SSIM against a float reference, CPU per job, see the
-# README): 1.5 decodes a 3840 px photo for a 1024 box at 1/2, as sharp does
-# (SSIM 0.9262, sharp's exactly; 2 decoded it whole: 0.9287, but 89 -> 58 ms
-# for a baseline JPEG, 278 -> 256 ms for a progressive one), while a 5640 px
-# photo stays at 1/2 (0.9281) where sharp and a gap of 1 take 1/4 (0.9147:
-# the 1/4 IDCT's loss is five times the 1/2's). libjpeg's 3/8 scale
-# (reachable with scale_denom 3) gained 1.6 % for 0.0002.
-_DRAFT_GAP = 1.5
+# Measured per photo (SSIM against a float reference, CPU per job; README,
+# `pipeline_bench.py --variants 2,1.5,1`): a gap of 1.5 decodes a 3840 px
+# photo for a 1024 box at 1/2 as sharp does, 89 -> 58 ms (baseline JPEG) and
+# 278 -> 256 ms (progressive), but its SSIM drops from 0.9287 to 0.9262
+# (sharp's); a gap of 1 also takes a 5640 px photo to 1/4 (0.9281 -> 0.9147).
+# Issue 11 keeps only what wins without losing quality, so 2 stays. libjpeg's
+# 3/8 scale (reachable with scale_denom 3) gained 1.6 % for 0.0002.
+_DRAFT_GAP = 2
 _REDUCING_GAP = 2.0  # Pillow's resize only (the fallback): see _resize
 
 
