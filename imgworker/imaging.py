@@ -504,7 +504,10 @@ def _decode_frames(im: Image.Image, probe_: Probe, size: tuple[int, int], animat
             im.draft(None, (round(oriented_box[0] * _DRAFT_GAP), round(oriented_box[1] * _DRAFT_GAP)))
         im = _load_still(im)
         # owned: a still is decoded once, and only this call reads its pixels
-        return [_prepare_frame(im, oriented_box, probe_.orientation, owned=True)], [], 0
+        frame = _prepare_frame(im, oriented_box, probe_.orientation, owned=True)
+        if frame is not im:
+            im.close()  # the full-size pixels go before encoding, not after it: a lower peak
+        return [frame], [], 0
     frames, durations = [], []
     for index, frame in enumerate(ImageSequence.Iterator(im)):
         if index >= limits.max_frames:

@@ -714,3 +714,29 @@ def test_rgba_resize_premultiplies_in_place_only_in_a_frame_it_owns():
         assert out.mode == "RGBA" and out.size == (300, 167)
         assert ImageChops.difference(out, want).getbbox() is None
     assert owned.getpixel((150, 80))[3] > 0 and owned.getpixel((50, 80))[3] == 0
+
+
+@pytest.mark.parametrize("width, released", [(320, True), (None, False)])
+def test_a_stills_full_size_pixels_go_before_encoding(tmp_path, monkeypatch, photo_png, width, released):
+    """A still's decoded picture (35 MB for a 3640x2400 RGBA PNG) is released
+    as soon as the resized frame exists, so the encoder's buffers do not come
+    on top of it (peak RSS of that PNG to WebP: 86.6 -> 74.3 MiB). Not when
+    the frame is the decoded picture itself (nothing to resize)."""
+    from imgworker import imaging
+
+    loaded, states = [], []
+    real_load, real_encode = imaging._load_still, imaging._encode
+    monkeypatch.setattr(imaging, "_load_still", lambda im: loaded.append(real_load(im)) or loaded[-1])
+
+    def encode(*args, **kwargs):
+        try:
+            loaded[0].getpixel((0, 0))
+            states.append(False)
+        except ValueError:  # "Operation on closed image"
+            states.append(True)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(imaging, "_encode", encode)
+    result, path = run(tmp_path, photo_png("RGB", size=(640, 400)), format="webp", maxWidth=width)
+    assert states == [released]
+    assert Image.open(path).size == ((320, 200) if width else (640, 400))
