@@ -206,6 +206,116 @@ def test_store_survives_a_server_restart(pg_url, pg_server):
     q.close()
 
 
+class _LoseReply:
+    """Stands in for a store's connection: the first statement containing
+    ``marker`` runs (and commits: the connection is in autocommit) or, with
+    ``run`` False, does not; then the connection is closed and the caller
+    gets psycopg.OperationalError, as when the server's reply was lost. The
+    store's _run then reconnects and replays on a real connection."""
+
+    def __init__(self, conn, marker, run):
+        self._conn, self._marker, self._run = conn, marker, run
+        self.tripped = False
+
+    def execute(self, query, params=None, **kw):
+        import psycopg
+
+        if not self.tripped and self._marker in str(query):
+            self.tripped = True
+            if self._run:
+                self._conn.execute(query, params, **kw)
+            self._conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return self._conn.execute(query, params, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def _lose_next_reply(q, marker, run=True):
+    proxy = _LoseReply(q.conn, marker, run)  # q.conn: this thread's real connection, opened now
+    q._local.conn = proxy
+    return proxy
+
+
+_CLAIM_SQL = "UPDATE jobs SET status = 'processing'"
+_COMPLETE_AND_CLAIM_SQL = "WITH done AS (UPDATE jobs SET status = 'completed'"
+
+
+def _ids(q, status):
+    return sorted(j.id for j in q.list(status))
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["reply-lost", "lost-before"])
+def test_a_replayed_claim_returns_the_job_the_lost_attempt_claimed(pg_url, monkeypatch, committed):
+    """Two claims in the same ms; the second one's connection is lost after
+    its statement committed (the replay must return that job, not claim a
+    third) or before it ran (the replay must claim, once)."""
+    import imgworker.store.postgres as pgstore
+    from imgworker.clock import now_ms
+
+    q = _pg_store(pg_url)
+    q.enqueue(_jobs(3), 10, 3)
+    t = now_ms()
+    monkeypatch.setattr(pgstore, "now_ms", lambda: t)  # the clock stands still
+    first = q.claim("node", 60000)
+    proxy = _lose_next_reply(q, _CLAIM_SQL, run=committed)
+    second = q.claim("node", 60000)
+    assert proxy.tripped
+    assert (first.id, first.started_at) == ("j0000", t)
+    # started_at stays the clock; the second claim in that ms has a lease 1 ms longer, to be told apart
+    assert (second.id, second.started_at, second.lease_expires_at) == ("j0001", t, t + 60000 + 1)
+    assert second.attempts == 1 and second.lease_owner == "node"
+    assert _ids(q, "processing") == ["j0000", "j0001"]
+    assert _ids(q, "queued") == ["j0002"] and q.get("j0002").attempts == 0
+    q.close()
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["reply-lost", "lost-before"])
+@pytest.mark.parametrize("waiting", [1, 0])
+def test_a_replayed_complete_and_claim_answers_what_the_lost_attempt_did(pg_url, monkeypatch, committed, waiting):
+    """Settle-and-claim in the same ms as two earlier claims of the node, its
+    connection lost after the commit or before the statement ran: the
+    replay reports the completion done and returns the one job claimed."""
+    import imgworker.store.postgres as pgstore
+    from imgworker.clock import now_ms
+
+    q = _pg_store(pg_url)
+    q.enqueue(_jobs(2 + 2 * waiting), 10, 3)
+    t = now_ms()
+    monkeypatch.setattr(pgstore, "now_ms", lambda: t)
+    job, other = q.claim("node", 60000), q.claim("node", 60000)
+    assert (job.id, other.id) == ("j0000", "j0001")
+    proxy = _lose_next_reply(q, _COMPLETE_AND_CLAIM_SQL, run=committed)
+    done, following = q.complete_and_claim(job.id, "node", make_outcome(7), "/out/j0000.webp", 60000,
+                                           attempt=job.attempts)
+    assert proxy.tripped
+    assert done is True  # the supervisor learns its outcome was written
+    finished = q.get(job.id)
+    assert finished.status == "completed" and finished.output_path == "/out/j0000.webp"
+    assert finished.outcome.processing_ms == 7 and finished.attempts == 1 and finished.completed_at == t
+    if waiting:
+        assert (following.id, following.lease_owner, following.attempts) == ("j0002", "node", 1)
+        assert (following.started_at, following.lease_expires_at) == (t, t + 60000 + 2)
+        assert _ids(q, "processing") == ["j0001", "j0002"]
+        assert _ids(q, "queued") == ["j0003"] and q.get("j0003").attempts == 0
+    else:
+        assert following is None and _ids(q, "processing") == ["j0001"]
+    q.close()
+
+
+def test_a_replayed_completion_reports_it_completed(pg_url):
+    q = _pg_store(pg_url)
+    q.enqueue(_jobs(1), 10, 3)
+    job = q.claim("node", 60000)
+    proxy = _lose_next_reply(q, "UPDATE jobs SET status = 'completed'")
+    assert q.complete(job.id, "node", make_outcome(3), "/out/j0000.webp", attempt=job.attempts) is True
+    assert proxy.tripped and q.get(job.id).status == "completed"
+    # a second completion (no replay: the job is no longer processing) is refused as before
+    assert q.complete(job.id, "node", make_outcome(3), "/out/j0000.webp", attempt=job.attempts) is False
+    q.close()
+
+
 def test_rate_limit_holds_across_api_nodes(api_server, pg_url):
     from helpers import image_bytes
 

@@ -12,7 +12,10 @@ and passes ``tests/test_store_contract.py``. The rules:
   complete, fail or release it (an outcome only for the attempt it ran); a lease that expired or whose owner died is
   taken back by :meth:`JobStore.recover`, which counts the spent attempt.
 - Every write is one transaction: all of it or none of it (a batch of
-  uploads included).
+  uploads included). A store that runs an operation again after losing its
+  connection (PostgreSQL; SQLite has no connection to lose) answers what
+  the lost attempt did when that attempt committed: a claim returns the job
+  it claimed (never a second one), a completion reports it completed.
 - Times are integer milliseconds since the Unix epoch (wall clock, because
   they are stored and compared across processes, hosts and restarts).
 - A store deals in rows only: it never touches files (see housekeeping.py).
@@ -219,7 +222,13 @@ class JobStore(Protocol):
         the highest priority; within it the client with the fewest
         ``processing`` jobs (clients at one priority take turns, so one
         client's backlog never starves another), then the oldest. ``processing``, one more attempt,
-        a lease expiring at now + ``lease_ms``. None when there is none."""
+        a lease expiring at now + ``lease_ms``. None when there is none.
+
+        ``started_at`` is ``now`` (the clock when None). A store that
+        recognises a replayed claim by its start and lease expiry
+        (PostgreSQL) keeps that pair distinct among its own claims when
+        ``now`` is None: a claim in the same ms as an earlier one of the
+        store gets its lease 1 ms longer (2 ms for the next, ...)."""
 
     def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None,
                  attempt: int | None = None) -> bool:
@@ -230,7 +239,8 @@ class JobStore(Protocol):
 
     def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
                            now: int | None = None, attempt: int | None = None) -> tuple[bool, Job | None]:
-        """:meth:`complete` then :meth:`claim` in one transaction."""
+        """:meth:`complete` then :meth:`claim` in one transaction, both at
+        the same time (the claim's lease as :meth:`claim` sets it)."""
 
     def fail(self, job_id: str, owner: str, code: str, message: str, transient: bool, policy: RetryPolicy,
              now: int | None = None, attempt: int | None = None) -> Settlement | None:

@@ -20,8 +20,13 @@ What PostgreSQL changes (the rest of the contract is base.py's):
   outcome, nor its own next attempt's.
 - A lost connection (the server restarted, a network cut) is replaced and
   the operation retried for up to RECONNECT_S; a write whose COMMIT was
-  lost is never applied twice (enqueue checks whether its rows exist; the
-  settles are conditional on ownership, so a replay changes nothing).
+  lost is never applied twice, and its replay answers what the lost attempt
+  did: enqueue checks whether its rows exist; a claim looks for the job
+  this owner holds with the claim's start and lease expiry (a pair no other
+  claim of the store uses, see :meth:`PgStore._claim_stamp`); a
+  completion recognises the row it completed (same attempt, completion time
+  and output); the other settles are conditional on ownership, so their
+  replay changes nothing.
 - The supervisor's connection commits with ``synchronous_commit = off``
   (as SQLite's supervisor uses ``synchronous=NORMAL``): a crash of the
   database server may lose its last outcomes, which are then redone (the
@@ -31,6 +36,7 @@ What PostgreSQL changes (the rest of the contract is base.py's):
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -83,6 +89,11 @@ class PgStore(ThreadConnections):
         self.application_name = application_name
         self._init_connections()
         self._connected_once = False
+        # the latest ms this store claimed at, and the lease expiries its
+        # claims used in that ms (see _claim_stamp)
+        self._stamp_ms = 0
+        self._stamp_expiries: set[int] = set()
+        self._stamp_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
     def _open(self) -> Any:
@@ -226,32 +237,100 @@ class PgStore(ThreadConnections):
         " RETURNING *"
     )
 
+    def _claim_stamp(self, now: int | None, lease_ms: int) -> tuple[int, int, bool]:
+        """A claim's ``started_at`` and ``lease_expires_at``, and whether the
+        pair tells it apart from every earlier claim of this store (a replay
+        after a lost reply finds what the lost attempt claimed by owner and
+        this pair).
+
+        With ``now`` None: the clock (never earlier than the previous
+        claim's, should the clock step back) and now + ``lease_ms``, plus
+        1 ms for each earlier claim in the same ms that used that expiry. So
+        ``started_at`` stays the clock, even at thousands of claims a second,
+        and a lease is at most a few ms longer. An explicit ``now`` (tests)
+        is used as given, expiry now + ``lease_ms``; such a claim is not
+        told apart, and its replay claims again."""
+        if now is not None:
+            return now, now + lease_ms, False
+        with self._stamp_lock:
+            at = max(now_ms(), self._stamp_ms)
+            if at != self._stamp_ms:
+                self._stamp_ms, self._stamp_expiries = at, set()
+            expires = at + lease_ms
+            while expires in self._stamp_expiries:
+                expires += 1
+            self._stamp_expiries.add(expires)
+        return at, expires, True
+
     def claim(self, owner: str, lease_ms: int, now: int | None = None) -> Job | None:
         """Take the next claimable job (highest priority, the client with the
         fewest running jobs, then oldest) in one statement; rows locked by
-        other claimers are skipped, not waited for."""
-        at = now_ms() if now is None else now
-        return self._run(lambda c, _r: self._claim(c, owner, lease_ms, at))
+        other claimers are skipped, not waited for. A replay returns the job
+        the lost attempt claimed, if its COMMIT got through, else claims."""
+        at, expires, unique = self._claim_stamp(now, lease_ms)
 
-    def _claim(self, c: Any, owner: str, lease_ms: int, now: int) -> Job | None:
-        row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": now + lease_ms, "id": None}).fetchone()
+        def op(c: Any, replay: bool) -> Job | None:
+            if replay and unique:
+                held = self._claimed(c, owner, at, expires)
+                if held is not None:
+                    return held
+            return self._claim(c, owner, at, expires)
+
+        return self._run(op)
+
+    def _claim(self, c: Any, owner: str, now: int, expires: int) -> Job | None:
+        row = c.execute(self._CLAIM, {"now": now, "owner": owner, "expires": expires, "id": None}).fetchone()
         return _job(row)
+
+    @staticmethod
+    def _claimed(c: Any, owner: str, at: int, expires: int) -> Job | None:
+        """The job ``owner`` claimed with this stamp and still holds (a lost
+        attempt's claim: nobody extends a lease its holder never learnt of)."""
+        return _job(c.execute("SELECT * FROM jobs WHERE status = 'processing' AND lease_owner = %s"
+                              " AND started_at = %s AND lease_expires_at = %s", (owner, at, expires)).fetchone())
+
+    @staticmethod
+    def _completed(c: Any, job_id: str, output_path: str, at: int, attempt: int | None) -> bool:
+        """Whether ``job_id`` is the row a lost completion at ``at`` settled:
+        completed at that very ms, with that output, by that attempt (a
+        completion clears the lease owner; only the lease holder completes,
+        and the attempt count moves on before another claim could)."""
+        return c.execute(
+            "SELECT 1 FROM jobs WHERE id = %s AND status = 'completed' AND completed_at = %s AND output_path = %s"
+            " AND attempts = coalesce(%s, attempts)", (job_id, at, output_path, attempt)).fetchone() is not None
 
     def complete(self, job_id: str, owner: str, outcome: Outcome, output_path: str, now: int | None = None,
                  attempt: int | None = None) -> bool:
+        """As JobStore.complete; a replay whose lost attempt completed the
+        job answers True."""
         at = now_ms() if now is None else now
-        return self._run(lambda c, _r: self._complete(c, job_id, owner, outcome, output_path, at, attempt))
+
+        def op(c: Any, replay: bool) -> bool:
+            if replay and self._completed(c, job_id, output_path, at, attempt):
+                return True
+            return self._complete(c, job_id, owner, outcome, output_path, at, attempt)
+
+        return self._run(op)
 
     def complete_and_claim(self, job_id: str, owner: str, outcome: Outcome, output_path: str, lease_ms: int,
                            now: int | None = None, attempt: int | None = None) -> tuple[bool, Job | None]:
         """complete then claim atomically, in one statement (one round trip,
         one commit): two data-modifying CTEs on different rows, so the claim
-        never waits on the completion."""
-        at = now_ms() if now is None else now
-        params = {"now": at, "owner": owner, "expires": at + lease_ms, "id": job_id, "output": output_path,
+        never waits on the completion. A replay answers what the lost
+        attempt did when its COMMIT got through (the job it claimed with
+        this call's stamp, whether it completed ``job_id``); else runs it again."""
+        at, expires, unique = self._claim_stamp(now, lease_ms)
+        params = {"now": at, "owner": owner, "expires": expires, "id": job_id, "output": output_path,
                   "attempt": attempt, **outcome.to_wire()}
 
-        def op(c: Any, _replay: bool) -> tuple[bool, Job | None]:
+        def op(c: Any, replay: bool) -> tuple[bool, Job | None]:
+            if replay and unique:
+                # one statement: committed whole or not at all; if neither
+                # trace is there, running it again does what it would have
+                held = self._claimed(c, owner, at, expires)
+                done = self._completed(c, job_id, output_path, at, attempt)
+                if held is not None or done:
+                    return done, held
             row = c.execute(self._COMPLETE_AND_CLAIM, params).fetchone()
             done = bool(row.pop("_done"))
             return done, (_job(row) if row["seq"] is not None else None)
