@@ -164,6 +164,9 @@ def _corrupt(kind: str, png: bytes) -> bytes:
         return whole[:i] + b"\0\0\0\0" + whole[i + 4:]
     if kind == "no IEND":  # Pillow accepts it, so does the result
         return build(head + [(b"IDAT", idat)])
+    if kind == "a second IHDR":  # Pillow takes the second (RGB), libspng must not decode by the first (RGBA)
+        ihdr = next(d for c, d in parts if c == b"IHDR")
+        return build(head + [(b"IHDR", ihdr[:9] + b"\x02" + ihdr[10:]), (b"IDAT", idat), (b"IEND", b"")])
     raise AssertionError(kind)
 
 
@@ -171,7 +174,8 @@ def _corrupt(kind: str, png: bytes) -> bytes:
     ("cut inside the image data", "INVALID_IMAGE"), ("image data ends early", "INVALID_IMAGE"),
     ("cut in a chunk after the image data", "INVALID_IMAGE"),
     ("cut in a second image data chunk", "INVALID_IMAGE"), ("bad zlib checksum", "INVALID_IMAGE"),
-    ("bad filter type", "INVALID_IMAGE"), ("bad image data CRC", None), ("no IEND", None)])
+    ("bad filter type", "INVALID_IMAGE"), ("bad image data CRC", None), ("no IEND", None),
+    ("a second IHDR", "INVALID_IMAGE")])
 def test_a_broken_png_has_pillows_outcome(tmp_path, photo_png, monkeypatch, decodes, kind, code):
     """libspng is laxer than Pillow on some broken files (it stops reading
     when the pixels are complete) and stricter on others; either way the job
