@@ -36,7 +36,14 @@ from PIL import Image, ImageChops, ImageCms, ImageFile, ImageSequence
 from PIL import GifImagePlugin, JpegImagePlugin, MpoImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401
 
 try:
-    from PIL import AvifImagePlugin  # noqa: F401  (Pillow >= 11.2)
+    from PIL import AvifImagePlugin  # (Pillow >= 11.2)
+
+    # One decoder thread, as for the AVIF encoder and HEIC (decode_threads=1):
+    # the pool's workers are the parallelism. Pillow's default is a thread
+    # per core, so one AVIF upload would take every core from the other jobs
+    # (and the API), and its work would run outside the worker's main thread,
+    # whose CPU wait is what the supervisor credits against JOB_TIMEOUT_MS.
+    AvifImagePlugin.DEFAULT_MAX_THREADS = 1
 except ImportError:  # pragma: no cover - older Pillow: Image.init() finds what there is
     pass
 

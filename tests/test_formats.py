@@ -127,6 +127,27 @@ def test_avif_input_with_rotation_and_metadata(tmp_path):
     assert result["originalFile"]["format"] == "avif" and b"SecretCam" not in (tmp_path / result["processedFile"]["filename"]).read_bytes()
 
 
+def test_avif_input_is_decoded_in_one_thread(tmp_path, monkeypatch):
+    """The pool's workers are the parallelism: an AVIF upload is decoded in
+    one thread (Pillow's default is one per core), as HEIC and AVIF output are."""
+    from PIL import AvifImagePlugin
+
+    real, threads = AvifImagePlugin._avif, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def AvifDecoder(data, codec, max_threads):  # noqa: N802  (Pillow's name)
+            threads.append(max_threads)
+            return real.AvifDecoder(data, codec, max_threads)
+
+    monkeypatch.setattr(AvifImagePlugin, "_avif", Spy())
+    result, out = run(tmp_path, encode(quadrants((640, 480)), "AVIF", quality=90), format="jpeg")
+    assert out.size == (640, 480) and threads and set(threads) == {1}
+
+
 def _write(tmp_path, data, name="probe.bin"):
     path = tmp_path / name
     path.write_bytes(data)
