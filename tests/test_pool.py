@@ -156,6 +156,17 @@ def live(procs):
     return [w for w in procs.workers.values() if w.status is None]
 
 
+def one_busy(rig, **env):
+    """A supervisor whose one worker has taken one job: (sup, procs, clock, worker, job_id)."""
+    sup, procs, clock = rig(**env)
+    ready_all(sup, procs)
+    (job_id,) = submit(sup)
+    settle(sup)
+    (w,) = live(procs)
+    assert w.take_job()["id"] == job_id
+    return sup, procs, clock, w, job_id
+
+
 def test_stuck_worker_is_sigkilled_after_the_grace_and_keeps_its_slot_until_reaped(rig):
     sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
     ready_all(sup, procs)
@@ -187,12 +198,7 @@ def test_time_a_worker_waits_for_a_cpu_is_not_counted_against_the_timeout(rig):
     """A worker under SCHED_IDLE waits while other work fills the cores: that
     wait extends its job's deadline (and the job's lease, so no other node
     takes it back), while running or sleeping time counts as before."""
-    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
-    ready_all(sup, procs)
-    (job_id,) = submit(sup)
-    settle(sup)
-    (w,) = live(procs)
-    assert w.take_job()["id"] == job_id
+    sup, procs, clock, w, job_id = one_busy(rig, JOB_TIMEOUT_MS=1000)
     lease = sup.store.get(job_id).lease_expires_at
     w.waited = 0.6  # of the first second, 0.6 s waiting for a CPU
     clock.advance(1.0)
@@ -210,12 +216,7 @@ def test_time_a_worker_waits_for_a_cpu_is_not_counted_against_the_timeout(rig):
 
 def test_the_wait_credit_is_capped(rig):
     """A job starved forever still ends: after (1 + MAX_WAIT_CREDIT) timeouts of wall time."""
-    sup, procs, clock = rig(JOB_TIMEOUT_MS=1000)
-    ready_all(sup, procs)
-    (job_id,) = submit(sup)
-    settle(sup)
-    (w,) = live(procs)
-    w.take_job()
+    sup, procs, clock, w, _ = one_busy(rig, JOB_TIMEOUT_MS=1000)
     w.waited = 1e6
     clock.advance(1 + pool_mod.MAX_WAIT_CREDIT - 0.01)
     sup.step()
@@ -336,12 +337,7 @@ def test_drain_lets_the_running_job_finish_and_claims_nothing_new(rig):
 
 
 def test_drain_past_the_deadline_releases_the_job_without_spending_an_attempt(rig):
-    sup, procs, clock = rig(SHUTDOWN_TIMEOUT_MS=500)
-    ready_all(sup, procs)
-    (job_id,) = submit(sup)
-    settle(sup)
-    (w,) = live(procs)
-    w.take_job()
+    sup, procs, clock, w, job_id = one_busy(rig, SHUTDOWN_TIMEOUT_MS=500)
     sup.handle_term(signal.SIGTERM)
     assert sup.step() is False
     clock.advance(0.5)
