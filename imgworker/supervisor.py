@@ -428,7 +428,8 @@ class Supervisor:
         if w.job.lease_expires_at is None:
             return
         try:
-            self.store.extend(w.job.id, self.id, w.job.lease_expires_at + round(w.wait_credit * 1000))
+            self.store.extend(w.job.id, self.id, w.job.lease_expires_at + round(w.wait_credit * 1000),
+                              attempt=w.job.attempts)
         except db.StoreUnavailable as exc:  # at worst it expires and the job is run again
             LOG.warning("Could not extend a job's lease: %s", exc, extra={"job": w.job.id})
 

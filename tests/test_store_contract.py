@@ -114,6 +114,7 @@ def test_an_extended_lease_is_not_recovered_and_only_its_holder_extends_it(store
     t = now_ms()
     store.claim("s", 100, now=t)
     assert store.extend(job_id, "other", t + 500) is False
+    assert store.extend(job_id, "s", t + 500, attempt=2) is False  # a late word of another attempt
     assert store.extend(job_id, "s", t + 500) is True
     assert store.extend(job_id, "s", t + 50) is True  # never moves it earlier
     assert store.get(job_id).lease_expires_at == t + 500

@@ -254,10 +254,11 @@ class JobStore(Protocol):
         stop): ``queued`` (``retrying`` if it had failed before), claimable
         at once. False if ``owner`` does not hold it."""
 
-    def extend(self, job_id: str, owner: str, expires_at: int) -> bool:
+    def extend(self, job_id: str, owner: str, expires_at: int, attempt: int | None = None) -> bool:
         """Move the lease of a job ``owner`` holds to expire at ``expires_at``
         (epoch ms; never earlier than it is): its worker waited for a CPU and
-        the job may run that much longer. False if ``owner`` does not hold it."""
+        the job may run that much longer. False if ``owner`` does not hold it
+        or ``attempt`` is not the one running (as :meth:`complete`)."""
 
     def recover(self, dead_owners: Iterable[str], policy: RetryPolicy, now: int | None = None) -> list[Recovered]:
         """Take back ``processing`` jobs whose lease expired or whose owner is

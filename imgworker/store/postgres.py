@@ -393,17 +393,13 @@ class PgStore(ThreadConnections):
 
         return self._run(op)
 
-    def extend(self, job_id: str, owner: str, expires_at: int) -> bool:
+    def extend(self, job_id: str, owner: str, expires_at: int, attempt: int | None = None) -> bool:
         """As JobStore.extend (idempotent: a replay after a lost reply is harmless)."""
 
         def op(c: Any, _replay: bool) -> bool:
             with pgdb.write(c):
-                cur = c.execute(
-                    "UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, %s)"
-                    " WHERE id = %s AND status = 'processing' AND lease_owner = %s",
-                    (expires_at, job_id, owner),
-                )
-                return cur.rowcount == 1
+                params = (expires_at, expires_at, job_id, owner, attempt)
+                return c.execute(sql.pg(sql.EXTEND), params).rowcount == 1
 
         return self._run(op)
 

@@ -31,6 +31,10 @@ SETTLE_FAIL = ("UPDATE jobs SET status = 'failed', completed_at = ?, error_code 
 # caller names it, this attempt: a late outcome of an earlier attempt (its
 # owner claimed the job again after it was taken back) changes nothing.
 HOLDS_LEASE = "status = 'processing' AND lease_owner = ? AND attempts = coalesce(?, attempts)"
+# Move a held lease later, never earlier (store.extend); CASE, not max() or
+# greatest(), so that one statement serves both databases.
+EXTEND = ("UPDATE jobs SET lease_expires_at = CASE WHEN lease_expires_at < ? THEN ? ELSE lease_expires_at END"
+          f" WHERE id = ? AND {HOLDS_LEASE}")
 COMPLETE = ("UPDATE jobs SET status = 'completed', completed_at = ?, output_path = ?, "
             + ", ".join(f"{col} = ?" for col in OUTCOME_COLUMNS)
             + ", error_code = NULL, error = NULL, lease_owner = NULL, lease_expires_at = NULL"

@@ -177,14 +177,9 @@ class SqliteStore(ThreadConnections):
             )
             return cur.rowcount == 1
 
-    def extend(self, job_id: str, owner: str, expires_at: int) -> bool:
+    def extend(self, job_id: str, owner: str, expires_at: int, attempt: int | None = None) -> bool:
         with db.write(self.conn) as c:
-            cur = c.execute(
-                "UPDATE jobs SET lease_expires_at = max(lease_expires_at, ?)"
-                " WHERE id = ? AND status = 'processing' AND lease_owner = ?",
-                (expires_at, job_id, owner),
-            )
-            return cur.rowcount == 1
+            return c.execute(sql.EXTEND, (expires_at, expires_at, job_id, owner, attempt)).rowcount == 1
 
     def recover(self, dead_owners: Iterable[str], policy: RetryPolicy, now: int | None = None) -> list[Recovered]:
         now = now_ms() if now is None else now
