@@ -351,8 +351,9 @@ def cmd_cleanup(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
 
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> int:
-    from . import client
+    from . import client, heap
 
+    heap.keep_freed_memory()  # this process may run the pipeline on many images (heap.py)
     return client.cli(cfg, args)
 
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 from typing import Any
 
+from . import heap
 from .wire import done_message, failed_message, recv, send
+
+IDLE_RELEASE_S = 2.0  # a worker without a job this long gives its freed image memory back
 
 
 def _die_with_parent(parent: int) -> None:
@@ -42,6 +46,29 @@ def _rss_mb() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _wait_for_job(sock: socket.socket) -> None:
+    """Block until the supervisor sends something; if that takes longer
+    than IDLE_RELEASE_S, hand the memory the last image freed back to the
+    system meanwhile (heap.py: it is kept for the next image otherwise)."""
+    try:
+        if not select.select([sock], [], [], IDLE_RELEASE_S)[0]:
+            heap.release_freed_memory()
+    except (OSError, ValueError):
+        pass  # the recv that follows reports a broken socket
+
+
+def _rss_after_job(max_mb: int) -> int:
+    """The RSS reported after a job (the supervisor recycles a worker above
+    WORKER_MAX_RSS_MB, half our address-space cap). Memory the job freed but
+    the heap keeps for the next image is not the worker's to answer for:
+    when the RSS passes half the recycling line, it is released first, so
+    that only memory still in use can get a worker replaced."""
+    rss = _rss_mb()
+    if max_mb > 0 and rss > max_mb // 4 and heap.release_freed_memory():
+        rss = _rss_mb()
+    return rss
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     fd, parent = int(argv[0]), int(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent(parent)
-    _cap_memory(int(argv[2]) if len(argv) > 2 else 0)
+    max_mb = int(argv[2]) if len(argv) > 2 else 0
+    _cap_memory(max_mb)
+    heap.keep_freed_memory()
     if len(argv) > 3:
         _schedule(argv[3])  # before any thread starts: threads inherit the policy
     sock = socket.socket(fileno=fd)
@@ -116,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:  # the supervisor stopped while we started: nothing to report, no traceback
         return 1
     while True:
+        _wait_for_job(sock)
         try:
             job = recv(sock)
         except (OSError, ValueError):
@@ -123,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if job is None:
             return 0
         outcome = run_job(job)
-        outcome["rssMb"] = _rss_mb()
+        outcome["rssMb"] = _rss_after_job(max_mb)
         try:
             send(sock, outcome)
         except OSError:
