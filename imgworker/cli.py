@@ -16,10 +16,10 @@ import time
 from typing import Any, Sequence
 
 from . import config as config_mod
-from . import db, log
+from . import log
 from .clock import now_ms
 from .model import STATUSES, output_filename
-from .store import StoreError
+from .errors import StoreError  # not from .store: `process` never opens a database
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 CHECKED = "IMGWORKER_SETTINGS_CHECKED"  # set by serve for its children
@@ -218,9 +218,10 @@ def cmd_migrate(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 
         conn = dialect.connect(cfg.database_url, application_name="imgworker-cli")
     else:
-        dialect = db  # type: ignore[assignment]
+        from . import db as dialect  # type: ignore[no-redef]
+
         Storage.for_config(cfg).ensure()
-        conn = db.connect(cfg.database_path)
+        conn = dialect.connect(cfg.database_path)
     try:
         if args.status:
             applied = dialect.applied_migrations(conn)

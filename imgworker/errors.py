@@ -54,3 +54,9 @@ class ImageError(ServiceError):
         super().__init__(message, code)
         self.transient = self.code.transient if transient is None else transient
         self.detail = detail  # for the log only: may name server paths, decoder internals
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used: missing, too old, unreachable, bad migration
+    (defined here, not in store/, so that a command that never opens a
+    database can catch it without importing the stores)."""

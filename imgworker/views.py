@@ -5,11 +5,13 @@ shows the same shape. Nothing below the API stores or parses this JSON.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import iso
 from .model import JobStatus, Outcome, output_filename
-from .store import Job, MinuteActivity, QueueStats
+
+if TYPE_CHECKING:  # annotations only: the client's `process --local` never loads the stores
+    from .store import Job, MinuteActivity, QueueStats
 
 IMAGES_ROUTE = "/api/images/"
 

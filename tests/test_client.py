@@ -147,6 +147,20 @@ def test_cli_local_and_dead_server(tmp_path):
     assert run_cli(tmp_path, str(tmp_path / "missing.jpg"), "--local").returncode == 1
 
 
+def test_cli_local_loads_neither_the_stores_nor_http(tmp_path):
+    """`process --local` is a whole command timed against sharp's: it starts
+    without the database layer or http.client/ssl (about 25 ms of CPU)."""
+    write(tmp_path, "a.png", image_bytes("PNG", (40, 30)))
+    script = ("import sys; from imgworker import cli; code = cli.main(sys.argv[1:]); "
+              "print(sorted(m for m in sys.modules if m.startswith(('imgworker.store', 'imgworker.db', 'http.client',"
+              " 'sqlite3', 'ssl'))))")
+    r = subprocess.run([sys.executable, "-c", script, "process", "--local", str(tmp_path / "in"), "--out",
+                        str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "clientdata")})
+    assert r.returncode == 0 and (tmp_path / "out" / "a.webp").is_file(), r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def start_cli(tmp_path, *args):
     full = {"PATH": os.environ["PATH"], "DATA_DIR": str(tmp_path / "clientdata")}
     return subprocess.Popen([sys.executable, "-m", "imgworker", "process", *args], cwd=tmp_path, env=full,

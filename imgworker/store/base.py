@@ -27,11 +27,8 @@ import random
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from ..errors import StoreError
 from ..model import JobStatus, Outcome
-
-
-class StoreError(RuntimeError):
-    """The store cannot be used: missing, too old, unreachable, bad migration."""
 
 
 def backoff_ms(attempt: int, base_ms: int, max_ms: int, rng: random.Random | None = None) -> int:
