@@ -39,13 +39,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rss_mb() -> int:
-    """Current resident set size (what recycling is decided on, not the peak)."""
+def _statm_mb() -> tuple[int, int]:
+    """(address space, resident set) in MB, now (RSS is what recycling is
+    decided on, not the peak; the address space is what RLIMIT_AS caps)."""
     try:
         with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            size, resident = fh.read().split()[:2]
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(size) * page // 2**20, int(resident) * page // 2**20
+    except (OSError, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        return rss, rss
 
 
 def _wait_for_job(sock: socket.socket) -> None:
@@ -61,13 +65,14 @@ def _wait_for_job(sock: socket.socket) -> None:
 
 def _rss_after_job(max_mb: int) -> int:
     """The RSS reported after a job (the supervisor recycles a worker above
-    WORKER_MAX_RSS_MB, half our address-space cap). Memory the job freed but
-    the heap keeps for the next image is not the worker's to answer for:
-    when the RSS passes half the recycling line, it is released first, so
-    that only memory still in use can get a worker replaced."""
-    rss = _rss_mb()
-    if max_mb > 0 and rss > max_mb // 4 and heap.release_freed_memory():
-        rss = _rss_mb()
+    WORKER_MAX_RSS_MB, half our address-space cap ``max_mb``). The memory
+    the job freed and the heap keeps for the next image is released first
+    when the RSS passes half the recycling line, so that only memory still
+    in use can get a worker replaced, or when the address space passes half
+    the cap, so that kept memory never makes the next image fail the cap."""
+    size, rss = _statm_mb()
+    if max_mb > 0 and (rss > max_mb // 4 or size > max_mb // 2) and heap.release_freed_memory():
+        size, rss = _statm_mb()
     return rss
 
 

@@ -126,3 +126,21 @@ def test_memory_a_job_freed_does_not_get_a_worker_recycled(tmp_path, real_worker
     baseline = _statm_rss_mb(proc.pid)
     assert baseline < 64
     assert _run(sock, src, tmp_path, "c" * 32)["rssMb"] < baseline + 20
+
+
+def test_kept_memory_is_released_before_it_crowds_the_address_space_cap(monkeypatch):
+    """Either half-line triggers the release: RSS past a quarter of the cap
+    (half WORKER_MAX_RSS_MB) or the address space past half of it."""
+    released = []
+    readings = {}
+    monkeypatch.setattr(worker.heap, "release_freed_memory", lambda: released.append(1) or True)
+    monkeypatch.setattr(worker, "_statm_mb", lambda: readings["after"] if released else readings["before"])
+    for before, expect_release in (((300, 60), False), ((600, 60), True), ((300, 300), True)):
+        released.clear()
+        readings.update(before=before, after=(100, 40))
+        rss = worker._rss_after_job(1024)
+        assert bool(released) == expect_release, before
+        assert rss == (40 if expect_release else before[1])
+    released.clear()
+    readings.update(before=(5000, 5000), after=(1, 1))
+    assert worker._rss_after_job(0) == 5000 and not released  # no cap: the idle release only
