@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import resource
 import tempfile
 import time
 import warnings
@@ -60,7 +59,7 @@ from . import formats
 from .errors import ImageError
 from .probe import Header, check_animation, check_pixels, inspect, sniff  # noqa: F401  (sniff, Header: API)
 from .strip import strip
-from .limits import Limits
+from .limits import Limits, fits_in_address_space
 from .model import Outcome, output_filename
 
 _heif_opener: list[bool] = []  # registered in this process
@@ -322,8 +321,8 @@ def _resize(frame: Image.Image, size: tuple[int, int], owned: bool = False) -> I
         return frame
     resizer = _fast_resizer()
     if resizer is not None and frame.mode in _FAST_MODES:
-        # Rust aborts the process on a failed allocation: see _fits_in_address_space
-        if _fits_in_address_space(_fast_buffers(frame, size, owned)):
+        # Rust aborts the process on a failed allocation: see limits.fits_in_address_space
+        if fits_in_address_space(_fast_buffers(frame, size, owned)):
             return _fast_resize(resizer, frame, size, owned)
     return frame.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
 
@@ -365,28 +364,6 @@ def _fast_buffers(frame: Image.Image, size: tuple[int, int], owned: bool = False
     if frame.mode == "RGBA" and (not owned or frame.readonly):
         need += width * height * 4
     return need
-
-
-def _fits_in_address_space(need: int) -> bool:
-    """Whether ``need`` more bytes fit under RLIMIT_AS (the worker's memory
-    cap), with room to spare. The fast resizer is Rust: an allocation it
-    cannot get aborts the whole process (SIGABRT, the job lost with its
-    worker), where Pillow raises MemoryError (IMAGE_TOO_LARGE, the worker
-    lives on). So it runs only where its buffers certainly fit; otherwise
-    Pillow's resize does the work or fails cleanly."""
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit == resource.RLIM_INFINITY:
-        return True
-    try:
-        with open("/proc/self/statm") as fh:
-            used = int(fh.read().split()[0]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return False
-    return used + need + _ADDRESS_SPARE <= limit
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_ADDRESS_SPARE = 32 * 2**20  # allocator slack, stacks, what a concurrent import maps
 
 
 _FAST_MODES = ("RGB", "RGBA", "L", "CMYK")
@@ -625,7 +602,7 @@ def _out_of_memory(exc: Exception, pixels: int) -> bool:
     we decoded fails for no other reason than memory or a bug, so it counts
     as memory when 8 bytes a pixel (what the encoders take, measured) would
     not fit under the worker's address-space cap now."""
-    return isinstance(exc, MemoryError) or not _fits_in_address_space(pixels * _ENCODER_BYTES_PER_PIXEL)
+    return isinstance(exc, MemoryError) or not fits_in_address_space(pixels * _ENCODER_BYTES_PER_PIXEL)
 
 
 _ENCODER_BYTES_PER_PIXEL = 8

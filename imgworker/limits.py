@@ -1,9 +1,11 @@
-"""The pipeline's limits and defaults as one value (from Config). Its own
-module so that the supervisor and the wire format can carry limits without
-importing Pillow."""
+"""The pipeline's limits and defaults as one value (from Config), and the
+check of the worker's address-space cap. Its own module so that the
+supervisor and the wire format can carry limits without importing Pillow."""
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,3 +37,27 @@ class Limits:
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> "Limits":
         return cls(**{**data, "formats": tuple(data["formats"])})
+
+
+def fits_in_address_space(need: int) -> bool:
+    """Whether ``need`` more bytes fit under RLIMIT_AS (the worker's memory
+    cap), with room to spare. Some native code does not fail cleanly when an
+    allocation is refused: the fast resizer is Rust, which aborts the whole
+    process (SIGABRT, the job lost with its worker), and the ``deflate``
+    extension does not check its decompressor's malloc; Pillow raises
+    MemoryError (IMAGE_TOO_LARGE, the worker lives on). So such code runs
+    only where its buffers certainly fit; otherwise Pillow does the work or
+    fails cleanly."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return True
+    try:
+        with open("/proc/self/statm") as fh:
+            used = int(fh.read().split()[0]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return False
+    return used + need + _ADDRESS_SPARE <= limit
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_ADDRESS_SPARE = 32 * 2**20  # allocator slack, stacks, what a concurrent import maps

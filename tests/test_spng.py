@@ -1,5 +1,7 @@
 """libspng's PNG decode (imgworker.spng): Pillow's pixels, Pillow's errors,
-Pillow when libspng is missing, a clean failure at the worker's memory cap."""
+Pillow when libspng is missing, a clean failure at the worker's memory cap;
+the image data inflated by libdeflate where it can be, libspng reading the
+file where not, with the same outcome either way."""
 
 from __future__ import annotations
 
@@ -53,16 +55,21 @@ def interlaced(png: bytes) -> bytes:
     return build([(b"IHDR", ihdr), (b"IDAT", zlib.compress(bytes(data))), (b"IEND", b"")])
 
 
+INFLATED = "image data inflated by libdeflate"
+
+
 @pytest.fixture
 def decodes(monkeypatch):
-    """Counts the pictures libspng decodes."""
+    """The pictures libspng decodes: the file's path when it reads the file,
+    INFLATED when it gets the image data libdeflate inflated."""
     lib = spng._get_library()
     assert lib is not None, "pyspng is a dependency: libspng must load and pass its self-check"
+    assert lib.inflate is not None, "deflate is a dependency: libdeflate must pass the self-check"
     calls = []
     real = type(lib).decode
 
     def counted(self, *args, **kwargs):
-        calls.append(args[0])
+        calls.append(INFLATED if kwargs.get("checked") else args[0])
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(lib), "decode", counted)
@@ -89,7 +96,7 @@ def test_libspng_gives_pillows_pixels_mode_and_info(tmp_path, photo_png, decodes
     path = tmp_path / "in.png"
     path.write_bytes(photo_png(mode, **save))
     assert loaded(path, fast=True) == loaded(path, fast=False)
-    assert decodes == [str(path)]
+    assert decodes == [INFLATED]
 
 
 @pytest.mark.parametrize("case", ["L", "LA", "P", "P+tRNS", "RGB 16-bit", "RGB interlaced", "RGBA interlaced",
@@ -137,7 +144,7 @@ def test_a_job_gives_the_same_bytes_with_or_without_libspng(tmp_path, photo_png,
         out[fast] = (outcome.output_width, outcome.output_height,
                      (tmp_path / str(fast) / f"processed_j.{'jpg' if fmt == 'jpeg' else fmt}").read_bytes())
     assert out[True] == out[False]
-    assert out[True][:2] == (320, 200) and decodes == [str(src)]
+    assert out[True][:2] == (320, 200) and decodes == [INFLATED]
 
 
 def _corrupt(kind: str, png: bytes) -> bytes:
@@ -197,6 +204,199 @@ def test_a_broken_png_has_pillows_outcome(tmp_path, photo_png, monkeypatch, deco
     pillow_only(monkeypatch)
     assert fast == outcome()
     assert fast == code if code else isinstance(fast, bytes)
+
+
+def outcome(path):
+    """What spng.load gives for ``path`` and what Pillow alone gives: the
+    mode, pixels and info, or the type of the exception."""
+    got = []
+    for fast in (True, False):
+        try:
+            got.append(loaded(path, fast))
+        except Exception as exc:
+            got.append(type(exc).__name__)
+    return got
+
+
+def filtered(raw: bytes, width: int, depth: int) -> bytes:
+    """The rows of ``raw`` (``width`` pixels of ``depth`` bytes) filtered
+    with PNG filter types 0-4 in turn, row by row (Pillow's encoder picks
+    its own)."""
+    stride, out, prior = width * depth, bytearray(), bytes(width * depth)
+    for y in range(len(raw) // stride):
+        row, kind = raw[y * stride:(y + 1) * stride], y % 5
+        out.append(kind)
+        for x in range(stride):
+            a = row[x - depth] if x >= depth else 0
+            b, c = prior[x], prior[x - depth] if x >= depth else 0
+            p = a + b - c
+            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+            paeth = a if pa <= pb and pa <= pc else b if pb <= pc else c
+            out.append((row[x] - (0, a, b, (a + b) // 2, paeth)[kind]) & 0xFF)
+        prior = row
+    return bytes(out)
+
+
+def png_of(im: Image.Image, stream: bytes | None = None, split: int = 0) -> bytes:
+    """A PNG of ``im`` (RGB or RGBA) with the zlib ``stream`` as image data
+    (by default its rows filtered with every filter type, compressed),
+    in IDAT chunks of ``split`` bytes (0: one chunk), an empty one after
+    every third."""
+    depth = len(im.mode)
+    if stream is None:
+        stream = zlib.compress(filtered(im.tobytes(), im.width, depth), 6)
+    ihdr = struct.pack(">IIBBBBB", im.width, im.height, 8, {3: 2, 4: 6}[depth], 0, 0, 0)
+    step = split or len(stream)
+    idats = []
+    for n, i in enumerate(range(0, len(stream), step)):
+        idats += [(b"IDAT", stream[i:i + step])] + ([(b"IDAT", b"")] if n % 3 == 2 else [])
+    return build([(b"IHDR", ihdr), *idats, (b"IEND", b"")])
+
+
+@pytest.fixture
+def picture():
+    """A photo-like picture (smooth colour noise; RGBA: an alpha ramp)."""
+    def make(mode, size=(61, 47)):
+        im = Image.merge("RGB", [Image.effect_noise((size[0] // 8 + 1, size[1] // 8 + 1), 80 + 20 * i).resize(size)
+                                 for i in range(3)])
+        if mode == "RGBA":
+            im.putalpha(Image.linear_gradient("L").resize(size))
+        return im
+    return make
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """libdeflate inflates small pictures too (they are below its threshold)."""
+    monkeypatch.setattr(spng, "_MIN_INFLATED", 0)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("size, save", [((1, 1), {}), ((61, 47), {"compress_level": 0}),
+                                        ((61, 47), {"compress_level": 1}), ((300, 7), {"optimize": True}),
+                                        ((7, 300), {"compress_level": 9}), ((1000, 700), {})])
+def test_inflated_image_data_gives_pillows_pixels(tmp_path, picture, decodes, any_size, mode, size, save):
+    """Pillow's PNGs of several sizes and compress levels (0: stored blocks
+    only), the last one 2.8 MB decoded: libspng decodes the image data
+    libdeflate inflated to exactly Pillow's pixels, mode and info."""
+    path = tmp_path / "in.png"
+    picture(mode, size).save(path, "PNG", **save)
+    fast, pillow = outcome(path)
+    assert fast == pillow and decodes == [INFLATED]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("case", ["every filter type", "stored blocks only", "many chunks",
+                                  "garbage after the stream", "stored PNG in several chunks"])
+def test_inflated_image_data_of_any_layout(tmp_path, picture, decodes, any_size, monkeypatch, mode, case):
+    """Rows filtered with each of the five filter types; a zlib stream of
+    stored blocks; image data in 97-byte chunks with empty ones among them;
+    bytes after the zlib stream's end (Pillow stops at the last row, so does
+    libdeflate); the PNG given to libspng split into several IDAT chunks (as
+    above 1 GiB): all decoded from the inflated data to Pillow's pixels."""
+    im = picture(mode)
+    stream = zlib.compress(filtered(im.tobytes(), im.width, len(mode)), 6)
+    if case == "stored blocks only":
+        data = png_of(im, zlib.compress(filtered(im.tobytes(), im.width, len(mode)), 0))
+    elif case == "many chunks":
+        data = png_of(im, split=97)
+    elif case == "garbage after the stream":
+        data = png_of(im, stream + b"garbage" * 50)
+    elif case == "stored PNG in several chunks":
+        monkeypatch.setattr(spng, "_STORED", 1000)
+        monkeypatch.setattr(spng, "_BLOCKS_PER_CHUNK", 3)
+        data = png_of(im)
+    else:
+        data = png_of(im)
+    path = tmp_path / "in.png"
+    path.write_bytes(data)
+    fast, pillow = outcome(path)
+    assert isinstance(pillow, tuple) and fast == pillow
+    assert decodes == [INFLATED]
+    if case == "every filter type":
+        assert Image.open(path).tobytes() == im.tobytes()
+
+
+@pytest.mark.parametrize("case, inflated", [
+    ("stream one byte short", False), ("rows one byte short", False), ("rows one byte long", False),
+    ("bad zlib checksum", False), ("bad image data CRC", True), ("no zlib checksum", False),
+    ("preset dictionary", False)])
+def test_broken_image_data_has_pillows_outcome(tmp_path, picture, decodes, any_size, case, inflated):
+    """Where libdeflate's result is not exactly the picture's rows with a
+    valid checksum, libspng reads the file as before (and Pillow decodes
+    what it refuses): the outcome is Pillow's, pixels or exception type. A
+    bad image data CRC is ignored, by Pillow and by this path alike."""
+    im = picture("RGBA")
+    rows = filtered(im.tobytes(), im.width, 4)
+    stream = zlib.compress(rows, 6)
+    data = {
+        "stream one byte short": lambda: png_of(im, stream[:-1]),
+        "rows one byte short": lambda: png_of(im, zlib.compress(rows[:-1])),
+        "rows one byte long": lambda: png_of(im, zlib.compress(rows + b"\0")),
+        "bad zlib checksum": lambda: png_of(im, stream[:-4] + bytes(b ^ 0x55 for b in stream[-4:])),
+        "bad image data CRC": lambda: png_of(im).replace(zlib.crc32(b"IDAT" + stream).to_bytes(4, "big"), b"\0" * 4),
+        "no zlib checksum": lambda: png_of(im, stream[:-4]),
+        "preset dictionary": lambda: png_of(im, b"\x78\xbb" + zlib.adler32(b"").to_bytes(4, "big") + stream[2:]),
+    }[case]()
+    path = tmp_path / "in.png"
+    path.write_bytes(data)
+    fast, pillow = outcome(path)
+    assert fast == pillow
+    assert decodes[:1] == ([INFLATED] if inflated else [str(path)])
+
+
+@pytest.mark.parametrize("failure", ["DeflateError", "MemoryError", "short", "no address space"])
+def test_a_failed_inflate_leaves_libspng_the_file(tmp_path, photo_png, decodes, monkeypatch, failure):
+    """libdeflate failing or out of memory (or too little address space for
+    this path's buffers under the worker's cap): libspng reads the file."""
+    import deflate
+
+    lib = spng._get_library()
+    real = lib.inflate
+
+    def failing(data, size):
+        if failure == "short":
+            return real(data, size)[:-1]
+        raise deflate.DeflateError("Decompression failed") if failure == "DeflateError" else MemoryError
+
+    monkeypatch.setattr(lib, "inflate", failing)
+    if failure == "no address space":
+        monkeypatch.setattr(lib, "inflate", real)
+        monkeypatch.setattr(spng, "fits_in_address_space", lambda need: False)
+    path = tmp_path / "in.png"
+    path.write_bytes(photo_png("RGBA"))
+    fast, pillow = outcome(path)
+    assert fast == pillow and decodes == [str(path)]
+
+
+def test_without_deflate_libspng_reads_the_file(tmp_path, photo_png, monkeypatch):
+    """deflate not installed (or not importable): libspng reads the file."""
+    monkeypatch.setitem(sys.modules, "deflate", None)  # import deflate raises ImportError
+    monkeypatch.setattr(spng, "_library", [])
+    lib = spng._get_library()
+    assert lib is not None and lib.inflate is None
+    calls = []
+    real = spng._Library.decode
+    monkeypatch.setattr(spng._Library, "decode", lambda self, *a, **k: calls.append(a[0]) or real(self, *a, **k))
+    path = tmp_path / "in.png"
+    path.write_bytes(photo_png("RGB"))
+    fast, pillow = outcome(path)
+    assert fast == pillow and calls == [str(path)]
+
+
+def test_a_libdeflate_that_disagrees_is_not_used(monkeypatch):
+    """The self-check also decodes through libdeflate: a ``deflate`` that
+    gets the rows wrong leaves libspng reading files, Pillow's pixels still."""
+    import deflate
+
+    def off_by_one(data, size):
+        rows = deflate.zlib_decompress(data, size)
+        rows[-1] ^= 1
+        return rows
+
+    monkeypatch.setattr(deflate, "zlib_decompress", off_by_one)
+    lib = spng._checked_library()
+    assert lib is not None and lib.inflate is None
 
 
 def test_without_pyspng_pillow_decodes(tmp_path, photo_png, monkeypatch):
