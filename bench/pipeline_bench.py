@@ -19,11 +19,13 @@ machine is shared, wall time is noise):
       image is (whole folder - empty folder) / images, i.e. without node's
       start-up. Also both whole commands as a user runs them: `imgworker
       process --local` and `node sharp_dir.js` on the same folder.
+(a) and (b) run with the pool worker's heap settings (heap.keep_freed_memory).
 The same figures for the big inputs alone (longest side >= 3640 px, the size
 of the wallpapers issue 11's external test uses: 3640-3840 px JPEG and RGBA
-PNG), with each one's CPU for imgworker, naive Pillow and sharp (sharp per
-file: bench/sharp_files.js, process.cpuUsage() around each file after an
-uncounted warm-up, in the same rounds).
+PNG), the two whole commands on a folder of those alone, and each one's CPU
+for imgworker, naive Pillow and sharp (sharp per file: bench/sharp_files.js,
+process.cpuUsage() around each file after an uncounted warm-up, in the same
+rounds).
 Quality: SSIM (luma, 11x11 Gaussian, sigma 1.5) of every output against a
 float reference: full decode, orient, ICC to sRGB, flatten on white, float
 LANCZOS to the output's size. Finally the peak RSS of a fresh interpreter
@@ -256,6 +258,9 @@ def main() -> None:
         import numpy  # noqa: F401
     except ImportError:
         sys.exit("pipeline_bench needs numpy for SSIM: .venv/bin/pip install numpy")
+    from imgworker import heap
+
+    heap.keep_freed_memory()  # as a pool worker and `imgworker process` run the pipeline (heap.py)
     files = photos() + generated()
     if args.variants:
         return variants(files, args)
@@ -268,11 +273,16 @@ def main() -> None:
     empty.mkdir()
     sharp = install_sharp()
     big_inputs = [f for f in files if max(_size(f)) >= BIG_SIDE]
+    big_folder = work / "big"  # the big inputs alone, for the whole commands as issue 11's external test runs them
+    big_folder.mkdir()
+    for f in big_inputs:
+        shutil.copy(f, big_folder / f.name)
     print(f"{len(files)} images (mate-backgrounds + {len(generated())} generated), box {BOX[0]}x{BOX[1]}, "
           f"q{QUALITY}, {args.rounds} interleaved rounds, CPU seconds")
     runners = {"imgworker": run_imgworker, "naive Pillow": run_naive}
     for fmt in args.formats.split(","):
-        cpu_s: dict[str, list[float]] = {k: [] for k in (*runners, "sharp", "imgworker cmd", "sharp cmd")}
+        cpu_s: dict[str, list[float]] = {k: [] for k in (*runners, "sharp", "imgworker cmd", "sharp cmd",
+                                                          "imgworker big cmd", "sharp big cmd")}
         outs: dict[str, dict[Path, Path]] = {k: {} for k in (*runners, "sharp")}
         per_file: dict[str, dict[Path, list[float]]] = {k: {f: [] for f in big_inputs} for k in (*runners, "sharp")}
         n = 0
@@ -300,6 +310,9 @@ def main() -> None:
                 start = child(["node", js, str(empty), str(work / "sharp_empty"), fmt], env=env)
                 cpu_s["sharp"].append((whole - start) / len(files))
                 cpu_s["sharp cmd"].append(whole)
+                if big_inputs:
+                    cpu_s["sharp big cmd"].append(child(["node", js, str(big_folder), str(work / f"sharp_big_{fmt}"),
+                                                         fmt], env=env))
                 for f in files:
                     outs["sharp"][f] = out_dir / (f.stem + EXT[fmt])
                 if big_inputs:
@@ -309,10 +322,12 @@ def main() -> None:
                     cpu_ms = json.loads(each.stdout)
                     for f in big_inputs:
                         per_file["sharp"][f].append(cpu_ms[str(folder / f.name)] / 1000)
-            cmd_out = work / f"cmd_{fmt}"
-            cpu_s["imgworker cmd"].append(child(
-                [sys.executable, "-m", "imgworker", "process", "--local", "--format", fmt, "--quality", str(QUALITY),
-                 "--out", str(cmd_out), str(folder)], cwd=work, env={**os.environ, "DATA_DIR": str(work / "data")}))
+            for key, source in (("imgworker cmd", folder), ("imgworker big cmd", big_folder if big_inputs else None)):
+                if source is not None:
+                    cpu_s[key].append(child(
+                        [sys.executable, "-m", "imgworker", "process", "--local", "--format", fmt, "--quality",
+                         str(QUALITY), "--out", str(work / f"cmd_{fmt}_{key.split()[1]}"), str(source)],
+                        cwd=work, env={**os.environ, "DATA_DIR": str(work / "data")}))
         mean = {k: statistics.fmean(v) for k, v in cpu_s.items() if v}
         print(f"\n[{fmt}] CPU per image (mean of {args.rounds} rounds: "
               + "; ".join(f"{k} {', '.join(f'{x:.3f}' for x in v)}" for k, v in cpu_s.items() if v and "cmd" not in k) + ")")
@@ -326,6 +341,12 @@ def main() -> None:
         if "sharp" in mean:
             print(f"  whole commands on the folder: imgworker process --local {mean['imgworker cmd']:.2f} s, "
                   f"node sharp_dir.js {mean['sharp cmd']:.2f} s -> {mean['sharp cmd'] / mean['imgworker cmd']:.2f}x sharp's speed")
+            if "sharp big cmd" in mean:
+                print(f"  whole commands on the big inputs alone: imgworker {mean['imgworker big cmd']:.2f} s, sharp "
+                      f"{mean['sharp big cmd']:.2f} s -> {mean['sharp big cmd'] / mean['imgworker big cmd']:.2f}x "
+                      f"sharp's speed (rounds: "
+                      + ", ".join(f"{s_ / i_:.2f}x" for s_, i_ in zip(cpu_s['sharp big cmd'], cpu_s['imgworker big cmd']))
+                      + ")")
         else:
             print("  sharp: skipped")
         if big_inputs:
