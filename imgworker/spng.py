@@ -81,6 +81,7 @@ from typing import Any, Callable
 from PIL import Image, ImageFile, PngImagePlugin
 
 from .limits import fits_in_address_space
+from .probe import MAX_SEGMENTS
 
 # libspng 0.7's enum values (spng.h)
 _FMT_RGBA8 = 1
@@ -399,11 +400,15 @@ def _join_image_data(data: bytearray, offset: int) -> int | None:
     """Move what Pillow decodes of the PNG file in ``data`` to its start:
     the contents of the run of IDAT chunks that starts with the one whose
     contents start at ``offset``, up to the first other chunk or the end of
-    the file. Returns its length; None when there is no IDAT chunk there
-    or one runs past the end of the file."""
+    the file. Returns its length; None when there is no IDAT chunk there,
+    one runs past the end of the file, or there are more than
+    MAX_SEGMENTS of them (a Python step each: 4 million empty chunks in a
+    48 MB upload cost 1.7 s more here than libspng reading them in C)."""
     pos, joined = offset - 8, 0
     with memoryview(data) as view:
-        while pos + 8 <= len(data):
+        for _ in range(MAX_SEGMENTS + 1):
+            if pos + 8 > len(data):
+                break
             length, cid = struct.unpack_from(">I4s", data, pos)
             if cid != b"IDAT":
                 break
@@ -413,6 +418,8 @@ def _join_image_data(data: bytearray, offset: int) -> int | None:
             view[joined:joined + length] = view[start:start + length]  # memmove: the target is never ahead
             joined += length
             pos = start + length + 4  # past the CRC, which Pillow does not check for image data either
+        else:
+            return None  # real encoders write chunks of 8 KB and more: libspng reads this file
     return joined if pos > offset - 8 else None
 
 

@@ -345,6 +345,22 @@ def test_broken_image_data_has_pillows_outcome(tmp_path, picture, decodes, any_s
     assert decodes[:1] == ([INFLATED] if inflated else [str(path)])
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_image_data_in_too_many_chunks_is_left_to_libspng(tmp_path, picture, decodes, any_size, monkeypatch, over):
+    """Joining the image data chunks is a Python step each: past
+    MAX_SEGMENTS of them (a hostile file of tiny chunks; real encoders
+    write 8 KB and more) libspng reads the file, with Pillow's outcome."""
+    im = picture("RGBA")
+    data = png_of(im, split=97)
+    chunks = data.count(b"IDAT")
+    monkeypatch.setattr(spng, "MAX_SEGMENTS", chunks - over)
+    path = tmp_path / "in.png"
+    path.write_bytes(data)
+    fast, pillow = outcome(path)
+    assert isinstance(pillow, tuple) and fast == pillow
+    assert decodes == ([str(path)] if over else [INFLATED])
+
+
 @pytest.mark.parametrize("failure", ["DeflateError", "MemoryError", "short", "no address space"])
 def test_a_failed_inflate_leaves_libspng_the_file(tmp_path, photo_png, decodes, monkeypatch, failure):
     """libdeflate failing or out of memory (or too little address space for
