@@ -255,7 +255,9 @@ def test_server_stopped_processes_in_browser(site, tmp_path):
 def test_dashboard_numbers_move_while_jobs_run(site, tmp_path):
     """The operator dashboard under the strict CSP: tiles, queue, workers and
     charts follow a batch while it runs; a failure is listed with a retry."""
-    s = site(path="/dashboard", MAX_CONCURRENT_JOBS=1)
+    # each job at least 0.4 s: the batch spans two of the page's 2 s refreshes
+    # however fast the pipeline gets (a photo alone takes 0.12 s now)
+    s = site(path="/dashboard", MAX_CONCURRENT_JOBS=1, IMGWORKER_TEST_SLEEP_MS=400)
     page = s.page
     page.wait_for_selector("#service-state.ok", timeout=20000)
     wait_for(lambda: page.locator("#worker-rows tr td.state-idle").count() == 1, 20, message="the pool row")

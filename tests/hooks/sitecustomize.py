@@ -2,9 +2,11 @@
 with PYTHONPATH=tests/hooks and IMGWORKER_TEST_HOOKS=1 (see conftest.Service).
 
 A job whose options carry ``_testSleepMs`` makes its worker sleep that long
-before processing: a stand-in for a decode stuck in C code. The API never
-stores options starting with ``_``, and production code has no such hook:
-it exists only in the processes tests start.
+before processing: a stand-in for a decode stuck in C code.
+IMGWORKER_TEST_SLEEP_MS does the same for every job without that option
+(jobs uploaded through the API, which never stores options starting with
+``_``), for a test that must see a batch while it runs. Production code has
+no such hook: it exists only in the processes tests start.
 """
 
 import os
@@ -17,7 +19,7 @@ if os.environ.get("IMGWORKER_TEST_HOOKS") == "1":
     _process = _imaging.process
 
     def _process_with_sleep(src, out_dir, job_id, options, limits):
-        delay = options.get("_testSleepMs")
+        delay = options.get("_testSleepMs") or int(os.environ.get("IMGWORKER_TEST_SLEEP_MS") or 0)
         if delay:
             time.sleep(delay / 1000)
         return _process(src, out_dir, job_id, {k: v for k, v in options.items() if not k.startswith("_")}, limits)
