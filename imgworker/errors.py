@@ -56,6 +56,16 @@ class ImageError(ServiceError):
         self.detail = detail  # for the log only: may name server paths, decoder internals
 
 
+class OutOfMemory(ImageError):
+    """IMAGE_TOO_LARGE because an allocation failed under the worker's
+    address-space cap, not because a limit check refused the image: a
+    process holding less memory may still fit it (worker.py retries it
+    once in a fresh one)."""
+
+    def __init__(self, message: str):
+        super().__init__("IMAGE_TOO_LARGE", message)
+
+
 class StoreError(RuntimeError):
     """The store cannot be used: missing, too old, unreachable, bad migration
     (defined here, not in store/, so that a command that never opens a

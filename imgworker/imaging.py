@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover - Pillow's resize
     _FastResizer = None
 
 from . import formats
-from .errors import ImageError
+from .errors import ImageError, OutOfMemory
 from .probe import Header, check_animation, check_pixels, inspect, sniff  # noqa: F401  (sniff, Header: API)
 from .strip import strip
 from .limits import Limits, fits_in_address_space
@@ -562,7 +562,7 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
             except Image.DecompressionBombError:
                 raise ImageError("IMAGE_TOO_LARGE", "A frame of the image exceeds the pixel limit") from None
             except MemoryError:
-                raise ImageError("IMAGE_TOO_LARGE", "The image needs more memory than the worker has") from None
+                raise OutOfMemory("The image needs more memory than the worker has") from None
             except Exception as exc:
                 raise ImageError("INVALID_IMAGE", f"The {info.format.upper()} file is corrupt or truncated",
                                  detail=_why(exc)) from None
@@ -573,7 +573,7 @@ def process(src: Path | str, out_dir: Path | str, job_id: str, options: dict[str
             except Exception as exc:
                 if not _out_of_memory(exc, frames[0].width * frames[0].height):
                     raise  # a bug, not the image's fault
-                raise ImageError("IMAGE_TOO_LARGE", "Encoding the image needs more memory than the worker has") from None
+                raise OutOfMemory("Encoding the image needs more memory than the worker has") from None
             out_w, out_h = frames[0].size
             resized = (out_w, out_h) != (info.width, info.height)
             kept_original = False

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -63,7 +64,7 @@ def test_a_freed_image_buffer_is_reused_without_faulting_its_pages_in_again():
 
 
 def _photo(tmp_path, size=(4000, 3000)) -> str:
-    path = tmp_path / "big.png"
+    path = tmp_path / f"{size[0]}x{size[1]}.png"
     Image.linear_gradient("L").resize(size).convert("RGB").save(path, compress_level=1)
     return str(path)
 
@@ -75,13 +76,18 @@ def _statm_rss_mb(pid: int) -> int:
 
 @pytest.fixture
 def real_worker():
-    """Factory: real_worker(max_mb) -> (process, socket) of a started pool worker."""
+    """Factory: real_worker(max_mb, hooks=False) -> (process, socket) of a
+    started pool worker (``hooks``: with tests/hooks, for ``_testHoldMb``)."""
     made = []
 
-    def start(max_mb: int):
+    def start(max_mb: int, hooks: bool = False):
         ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        if hooks:
+            env.update(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "hooks"), env.get("PYTHONPATH", "")]),
+                       IMGWORKER_TEST_HOOKS="1")
         proc = subprocess.Popen([sys.executable, "-m", "imgworker.worker", str(theirs.fileno()), str(os.getpid()),
-                                 str(max_mb), "normal"], pass_fds=[theirs.fileno()])
+                                 str(max_mb), "normal"], pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         made.append((proc, ours))
         assert recv(ours) == {"ready": proc.pid}
@@ -97,11 +103,16 @@ def real_worker():
             proc.wait()
 
 
-def _run(sock, src: str, out_dir, job_id: str) -> dict:
-    send(sock, job_message(job_id, src, str(out_dir), {"format": "jpeg"}, Limits()))
+def _run(sock, src: str, out_dir, job_id: str, ok: bool = True, **options) -> dict:
+    send(sock, job_message(job_id, src, str(out_dir), {"format": "jpeg", **options}, Limits()))
     reply = recv(sock)
-    assert reply["ok"] is True, reply
+    assert reply["ok"] is ok, reply
     return reply
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().decode().split("\0")[:-1]
 
 
 def test_an_idle_worker_gives_back_what_its_last_image_freed(tmp_path, real_worker):
@@ -144,3 +155,29 @@ def test_kept_memory_is_released_before_it_crowds_the_address_space_cap(monkeypa
     released.clear()
     readings.update(before=(5000, 5000), after=(1, 1))
     assert worker._rss_after_job(0) == 5000 and not released  # no cap: the idle release only
+
+
+def test_an_image_that_fits_a_fresh_worker_does_not_fail_in_one_that_holds_memory(tmp_path, real_worker):
+    """A job that runs out of memory in a worker that has run jobs before
+    (whose heap may hold address space a fresh process does not: kept,
+    fragmented, pinned) is retried once in a fresh address space: the
+    worker re-executes itself (same pid, same socket) with the job as its
+    first. An image too large for any worker still fails IMAGE_TOO_LARGE,
+    after one retry, and the worker serves on."""
+    src, small, huge = _photo(tmp_path), _photo(tmp_path, (64, 48)), _photo(tmp_path, (8000, 6000))
+    proc, sock = real_worker(200, hooks=True)  # the 4000x3000 picture needs about 120 MB with the worker's baseline
+    _run(sock, small, tmp_path, "a" * 32, _testHoldMb=120)  # held for good: 120 + 120 > 200
+    assert _run(sock, src, tmp_path, "b" * 32)["outcome"]["output_width"] == 1024
+    assert proc.poll() is None and _cmdline(proc.pid)[-1].startswith("{")  # re-executed with the job
+    assert _run(sock, src, tmp_path, "c" * 32)["outcome"]["output_width"] == 1024  # and fresh since
+    # fails where it is the process's first job: reported, not retried again
+    assert _run(sock, huge, tmp_path, "d" * 32, ok=False)["code"] == "IMAGE_TOO_LARGE"
+    assert _run(sock, small, tmp_path, "e" * 32)["ok"] and proc.poll() is None
+
+
+def test_a_fresh_worker_reports_running_out_of_memory_at_once(tmp_path, real_worker):
+    """Its first job: nothing to gain from a fresh address space, no retry."""
+    proc, sock = real_worker(200)
+    assert _run(sock, _photo(tmp_path, (8000, 6000)), tmp_path, "f" * 32, ok=False)["code"] == "IMAGE_TOO_LARGE"
+    assert len(_cmdline(proc.pid)) == 7  # python -m imgworker.worker FD PPID MAX_MB POLICY: never re-executed
+    assert _run(sock, _photo(tmp_path, (64, 48)), tmp_path, "g" * 32)["ok"]

@@ -5,8 +5,11 @@ A job whose options carry ``_testSleepMs`` makes its worker sleep that long
 before processing: a stand-in for a decode stuck in C code.
 IMGWORKER_TEST_SLEEP_MS does the same for every job without that option
 (jobs uploaded through the API, which never stores options starting with
-``_``), for a test that must see a batch while it runs. Production code has
-no such hook: it exists only in the processes tests start.
+``_``), for a test that must see a batch while it runs. ``_testHoldMb``
+makes the worker keep that many MB allocated for the rest of its life: a
+stand-in for the address space a worker holds after its jobs (memory the
+heap keeps, holes malloc_trim cannot return). Production code has no such
+hook: it exists only in the processes tests start.
 """
 
 import os
@@ -17,8 +20,11 @@ if os.environ.get("IMGWORKER_TEST_HOOKS") == "1":
     import imgworker.imaging as _imaging
 
     _process = _imaging.process
+    _held = []
 
     def _process_with_sleep(src, out_dir, job_id, options, limits):
+        if options.get("_testHoldMb"):
+            _held.append(bytearray(options["_testHoldMb"] * 2**20))
         delay = options.get("_testSleepMs") or int(os.environ.get("IMGWORKER_TEST_SLEEP_MS") or 0)
         if delay:
             time.sleep(delay / 1000)
