@@ -324,8 +324,12 @@ def _png(r: _Reader, limits: "Limits") -> Header:
             r.skip(length)
         r.skip(4)  # CRC
         if seen_idat and (controls >= declared or declared + default_image > limits.max_frames):
-            # a still, every frame to decode checked, or only the first one decoded
-            break
+            # a still, every frame to decode checked, or only the first one decoded; but the
+            # rest of the image data is walked too, so its chunks count against MAX_SEGMENTS
+            # (Pillow walks each one in Python, ~1 us a chunk: a 48 MB file of empty image data
+            # chunks cost a worker 5 s of CPU). What follows it is the decoder's to read.
+            if kind != b"IDAT" or _next_chunk(r) != b"IDAT":
+                break
     else:
         raise _invalid("PNG", f"more than {MAX_SEGMENTS:,} chunks")
     if not seen_idat:
@@ -336,6 +340,15 @@ def _png(r: _Reader, limits: "Limits") -> Header:
     frames = min(frames, limits.max_frames + 1)
     check_animation("png", frames, width, height, limits)
     return Header("png", width, height, frames, alpha=alpha)
+
+
+def _next_chunk(r: _Reader) -> bytes:
+    """The type of the chunk at pos (b"" at the end of the file), pos unmoved."""
+    if r.pos + 8 > r.size:
+        return b""
+    kind = r.read(8)[4:]
+    r.pos -= 8
+    return kind
 
 
 _PNG_DEPTHS = {(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4), (3, 8),

@@ -155,6 +155,21 @@ def test_segment_and_block_counts_are_bounded(tmp_path):
     assert err.code == "INVALID_IMAGE" and "segments" in err.message
 
 
+def test_image_data_chunks_of_a_still_png_are_counted(tmp_path):
+    """The probe walks a still PNG's whole image data: each chunk costs
+    Pillow a Python step, so 100,000 of them are refused (a 48 MB upload of
+    empty ones cost a worker 5 s); thousands, as libpng writes, pass."""
+    png = image_bytes("PNG", (64, 48))
+    start = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[start:start + 4])[0]
+    end = start + 12 + length
+    empty = struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", 0x35AF061E)  # crc32(b"IDAT")
+    many = png[:end] + empty * 100_001 + png[end:]
+    err = refused(tmp_path, many)
+    assert err.code == "INVALID_IMAGE" and "chunks" in err.message
+    assert check(tmp_path, png[:end] + empty * 5_000 + png[end:]).width == 64
+
+
 def _samples() -> list[bytes]:
     frames = [Image.new("RGB", (24, 16), (i * 50, 9, 9)) for i in range(3)]
     out = [image_bytes("JPEG", (40, 30), progressive=True), image_bytes("PNG", (40, 30)), image_bytes("GIF", (40, 30)),

@@ -158,7 +158,7 @@ def _corrupt(kind: str, png: bytes) -> bytes:
         return build(head + [(b"IDAT", zlib.compress(zlib.decompress(idat)[:-5000])), (b"IEND", b"")])
     if kind == "cut in a chunk after the image data":  # the pixels are complete; Pillow reads on and fails
         return build(head + [(b"IDAT", idat), (b"tEXt", b"k\0" + b"v" * 300), (b"IEND", b"")])[:-150]
-    if kind == "cut in a second image data chunk":  # the corpus's truncated_end_chunk.png
+    if kind == "cut in a second image data chunk":  # the corpus's truncated_end_chunk.png; the probe refuses it
         return build(head + [(b"IDAT", idat)]) + struct.pack(">I", 30000) + b"IDAT"
     if kind == "bad zlib checksum":
         return build(head + [(b"IDAT", idat[:-4] + bytes(b ^ 0xFF for b in idat[-4:])), (b"IEND", b"")])
@@ -200,7 +200,7 @@ def test_a_broken_png_has_pillows_outcome(tmp_path, photo_png, monkeypatch, deco
         return (out / "processed_j.png").read_bytes()
 
     fast = outcome()
-    assert bool(decodes) == (kind != "cut inside the image data")
+    assert bool(decodes) == (kind not in ("cut inside the image data", "cut in a second image data chunk"))
     pillow_only(monkeypatch)
     assert fast == outcome()
     assert fast == code if code else isinstance(fast, bytes)
