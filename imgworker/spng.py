@@ -262,8 +262,8 @@ def _checked_library() -> _Library | None:
                         return None
                     if via_inflate:
                         try:
-                            rows = _inflated_rows(inflate, bytearray(buf.getvalue()), got.tile[0].offset, got.size,
-                                                  mode)
+                            rows = _inflated_rows(inflate, bytearray(buf.getvalue()), got.tile[0].offset,
+                                                  _raw_size(got.size, mode))
                             pixels = None if rows is None else lib.decode(_stored_png(got.size, mode, rows), fmt,
                                                                           got.size, depth, checked=True)
                         except Exception:
@@ -351,7 +351,7 @@ def _decode_inflated(lib: _Library, im: Image.Image, fmt: int, depth: int) -> by
     image, too little address space) or fails in any way: then the caller
     lets libspng read the file, and that outcome stands."""
     width, height = im.size
-    raw = height * (1 + width * _CHANNELS[im.mode])  # filtered rows, 8 bits a sample, not interlaced
+    raw = _raw_size(im.size, im.mode)
     if lib.inflate is None or not _MIN_INFLATED <= raw < 2**32:  # deflate takes the size as a C unsigned int
         return None
     try:
@@ -362,7 +362,7 @@ def _decode_inflated(lib: _Library, im: Image.Image, fmt: int, depth: int) -> by
             data = bytearray(size)
             if fh.readinto(data) != size:
                 return None
-        rows = _inflated_rows(lib.inflate, data, im.tile[0].offset, im.size, im.mode)
+        rows = _inflated_rows(lib.inflate, data, im.tile[0].offset, raw)
         del data  # before the rows grow into the stored PNG
         if rows is None:
             return None
@@ -378,19 +378,21 @@ def _buffers(file_size: int, raw: int, pixels: int) -> int:
     return max(file_size + raw, _stored_size(raw) + pixels)
 
 
-def _inflated_rows(inflate: Callable[[Any, int], bytearray], data: bytearray, offset: int, size: tuple[int, int],
-                   mode: str) -> bytearray | None:
-    """The filtered rows of the PNG file in ``data``, whose image data
-    Pillow found at ``offset`` and reads as ``size`` pixels in ``mode`` (RGB
-    or RGBA, 8-bit, not interlaced), inflated by ``inflate`` (libdeflate);
-    None when the image data does not inflate, with a valid checksum, to
-    exactly that many bytes. ``data`` is spent (its image data chunks joined
-    in place). Raises deflate.DeflateError, MemoryError."""
+def _raw_size(size: tuple[int, int], mode: str) -> int:
+    """Bytes of filtered rows of an 8-bit, not interlaced PNG of ``size`` in ``mode``."""
+    width, height = size
+    return height * (1 + width * _CHANNELS[mode])
+
+
+def _inflated_rows(inflate: Callable[[Any, int], bytearray], data: bytearray, offset: int, raw: int) -> bytearray | None:
+    """The ``raw`` bytes of filtered rows of the PNG file in ``data``, whose
+    image data Pillow found at ``offset``, inflated by ``inflate``
+    (libdeflate); None when the image data does not inflate, with a valid
+    checksum, to exactly that many bytes. ``data`` is spent (its image data
+    chunks joined in place). Raises deflate.DeflateError, MemoryError."""
     length = _join_image_data(data, offset)
     if length is None:
         return None
-    width, height = size
-    raw = height * (1 + width * _CHANNELS[mode])
     with memoryview(data) as view, view[:length] as compressed:
         rows = inflate(compressed, raw)  # libdeflate writes at most raw bytes and checks the adler32
     return rows if len(rows) == raw else None  # shorter: where Pillow's decoder stops decides
