@@ -51,12 +51,19 @@ def fits_in_address_space(need: int) -> bool:
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if limit == resource.RLIM_INFINITY:
         return True
+    used = memory_in_use()
+    return used is not None and used[0] + need + _ADDRESS_SPARE <= limit
+
+
+def memory_in_use() -> tuple[int, int] | None:
+    """(address space, resident set) of this process now, in bytes (Linux's
+    /proc/self/statm); None where it cannot be read."""
     try:
         with open("/proc/self/statm") as fh:
-            used = int(fh.read().split()[0]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return False
-    return used + need + _ADDRESS_SPARE <= limit
+            size, resident = fh.read().split()[:2]
+        return int(size) * _PAGE, int(resident) * _PAGE
+    except (OSError, ValueError):
+        return None
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

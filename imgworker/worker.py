@@ -25,6 +25,7 @@ import sys
 from typing import Any
 
 from . import heap
+from .limits import memory_in_use
 from .wire import done_message, failed_message, recv, send
 
 IDLE_RELEASE_S = 2.0  # a worker without a job this long gives its freed image memory back
@@ -45,14 +46,11 @@ def _die_with_parent(parent: int) -> None:
 def _statm_mb() -> tuple[int, int]:
     """(address space, resident set) in MB, now (RSS is what recycling is
     decided on, not the peak; the address space is what RLIMIT_AS caps)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            size, resident = fh.read().split()[:2]
-        page = os.sysconf("SC_PAGE_SIZE")
-        return int(size) * page // 2**20, int(resident) * page // 2**20
-    except (OSError, ValueError):
+    used = memory_in_use()
+    if used is None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         return rss, rss
+    return used[0] // 2**20, used[1] // 2**20
 
 
 def _wait_for_job(sock: socket.socket) -> None:
